@@ -1,0 +1,124 @@
+"""Cost analysis: MACs, parameters and bytes per node and in total.
+
+MACs count multiply-accumulates of conv, conv-transpose, linear/matmul and attention (the ops that
+torch.utils.flop_counter counts, at FLOPs = 2 x MACs); elementwise ops, norms and pools count 0.
+Parameters count unique floating tensors of more than one element that are weights (BN running
+statistics are buffers, not parameters, as in torch). Bytes are what a node reads and writes
+(weights + activations): at batch 1 many layers are bandwidth-bound, so MACs alone mislead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphslim.analyses import Analysis, AnalysisManager, Shapes
+from graphslim.ir import GraphView, Node, OpKind
+
+_NOT_PARAMS = {"mean", "var"}
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    macs: int
+    params: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CostReport:
+    per_node: dict[str, NodeCost]
+    macs: int
+    params: int
+    weight_bytes: int
+
+    def top(self, n: int = 10) -> list[tuple[str, NodeCost]]:
+        return sorted(self.per_node.items(), key=lambda kv: -kv[1].macs)[:n]
+
+
+def _prod(shape) -> int:
+    return int(np.prod([d for d in shape], dtype=np.int64)) if shape is not None else 0
+
+
+def _known(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def node_macs(view: GraphView, node: Node, shapes: dict[str, tuple]) -> int:
+    """Multiply-accumulates of one node for the shapes given (0 where a shape is unknown)."""
+    out = shapes.get(node.output)
+    kind = node.kind
+    if kind is OpKind.CONV and _known(out):
+        w, _ = view.param_info(node.name, "weight")
+        return _prod(out) * _prod(w[1:])
+    if kind is OpKind.CONV_TRANSPOSE and node.inputs and _known(shapes.get(node.inputs[0])):
+        w, _ = view.param_info(node.name, "weight")
+        return _prod(shapes[node.inputs[0]]) * _prod(w[1:])
+    if kind is OpKind.LINEAR and _known(out):
+        w, _ = view.param_info(node.name, "weight")
+        return _prod(out) * w[1]
+    if kind is OpKind.MATMUL and _known(out) and node.inputs:
+        a = shapes.get(node.inputs[0])
+        if not _known(a) and node.params:  # constant left operand (fx / ONNX)
+            a, _ = view.param_info(node.name, next(iter(node.params)))
+        return _prod(out) * a[-1] if _known(a) else 0
+    if kind is OpKind.ATTENTION and len(node.inputs) >= 1:
+        return _attention_macs(node, [shapes.get(v) for v in node.inputs])
+    return 0
+
+
+def _attention_macs(node: Node, in_shapes: list) -> int:
+    """nn.MultiheadAttention: q/k/v projections, Q K^T, A V, output projection."""
+    q = in_shapes[0]
+    k = in_shapes[1] if len(in_shapes) > 1 and in_shapes[1] else q
+    if not (_known(q) and _known(k)):
+        return 0
+    e = node.attrs["embed_dim"]
+    if node.attrs.get("batch_first"):
+        n, length, s = q[0], q[1], k[1]
+    else:
+        length, n, s = q[0], q[1], k[0]
+    kdim, vdim = node.attrs.get("kdim", e), node.attrs.get("vdim", e)
+    return n * (length * e * e + s * kdim * e + s * vdim * e + 2 * length * s * e + length * e * e)
+
+
+def _is_param(view: GraphView, node: Node, role: str) -> bool:
+    if node.kind is OpKind.BATCHNORM and role in _NOT_PARAMS:
+        return False
+    shape, dtype = view.param_info(node.name, role)
+    return dtype.kind == "f" and _prod(shape) > 1
+
+
+def compute_cost(view: GraphView, shapes: dict[str, tuple]) -> CostReport:
+    per_node: dict[str, NodeCost] = {}
+    seen_keys: dict[str, int] = {}
+    stored: set[str] = set()
+    weight_bytes = 0
+    for node in view.nodes():
+        params = 0
+        nbytes = 0
+        for role, key in node.params.items():
+            shape, dtype = view.param_info(node.name, role)
+            size = _prod(shape)
+            nbytes += size * dtype.itemsize
+            if key not in stored:
+                stored.add(key)
+                weight_bytes += size * dtype.itemsize
+            if _is_param(view, node, role):
+                params += size
+                seen_keys.setdefault(key, size)
+        for v in (*node.inputs, *node.outputs):
+            if _known(shapes.get(v)):
+                nbytes += _prod(shapes[v]) * 4
+        per_node[node.name] = NodeCost(node_macs(view, node, shapes), params, nbytes)
+    return CostReport(per_node, sum(c.macs for c in per_node.values()),
+                      sum(seen_keys.values()), weight_bytes)
+
+
+class Cost(Analysis):
+    name = "cost"
+
+    @classmethod
+    def compute(cls, am: AnalysisManager) -> CostReport:
+        return compute_cost(am.view, am.get(Shapes))

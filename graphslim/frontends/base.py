@@ -1,0 +1,64 @@
+"""What every frontend offers the pass manager, verifier, runtime and tools."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphslim.edits import Edit
+from graphslim.ir import GraphView
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input with every dimension concrete (dynamic dims fixed by the user or to 1)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class Frontend(abc.ABC):
+    """A model being optimized. `view()` is read-only; `apply()` is the only way to change it."""
+
+    name: str = "?"
+
+    @abc.abstractmethod
+    def view(self) -> GraphView: ...
+
+    @abc.abstractmethod
+    def apply(self, edits: Sequence[Edit]) -> int:
+        """Apply edits in order; returns how many nodes were changed or removed."""
+
+    @abc.abstractmethod
+    def copy(self) -> Frontend: ...
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Structural verification; raises VerificationError naming what is wrong."""
+
+    @abc.abstractmethod
+    def input_specs(self) -> list[TensorSpec]: ...
+
+    @abc.abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Execute on numpy inputs; outputs keyed by output name, in output order."""
+
+    @abc.abstractmethod
+    def infer_shapes(self) -> dict[str, tuple]:
+        """Value name -> shape (ints; None where unknown) for the concrete input shapes."""
+
+    @abc.abstractmethod
+    def save(self, path: str) -> None:
+        """Write the model in its native form (ONNX file, or torch state for fx)."""
+
+    @abc.abstractmethod
+    def to_onnx(self, path: str) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def version(self) -> int:
+        """Bumped by every apply() that changes something; used to cache sessions and views."""

@@ -1,0 +1,506 @@
+"""ONNX frontend: load with onnx-graphsurgeon, view, apply edits, export, check, run in ORT.
+
+Loading normalizes two things so passes see one form: weights held in `Constant` nodes (paddle2onnx
+does this) become initializers, and negative dims in input shapes (invalid, but shipped by some
+exporters) become named symbolic dims. Intermediate shapes are dropped at load and recomputed by
+shape inference on demand, so an edit can never leave a stale value_info behind. Dynamic input dims
+stay dynamic in the emitted model; concrete shapes given by the user are used only for analysis and
+verification.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphslim.edits import Bypass, Edit, SetParam
+from graphslim.errors import InputError, StructureError
+from graphslim.frontends.base import Frontend, TensorSpec
+from graphslim.ir import GraphView, Node, OpKind
+
+log = logging.getLogger(__name__)
+
+# Serialized protobufs are capped at 2 GiB; above this we go through files with external data.
+_LARGE_BYTES = 1_800_000_000
+
+_SIMPLE_KINDS = {
+    "BatchNormalization": OpKind.BATCHNORM, "LayerNormalization": OpKind.LAYERNORM,
+    "GroupNormalization": OpKind.GROUPNORM, "InstanceNormalization": OpKind.INSTANCENORM,
+    "Add": OpKind.ADD, "Sub": OpKind.SUB, "Mul": OpKind.MUL, "Div": OpKind.DIV,
+    "Concat": OpKind.CONCAT, "Split": OpKind.SPLIT, "Slice": OpKind.SLICE,
+    "AveragePool": OpKind.POOL_AVG, "MaxPool": OpKind.POOL_MAX,
+    "GlobalAveragePool": OpKind.POOL_GLOBAL_AVG, "GlobalMaxPool": OpKind.POOL_GLOBAL_MAX,
+    "Flatten": OpKind.FLATTEN, "Reshape": OpKind.RESHAPE, "Squeeze": OpKind.RESHAPE,
+    "Unsqueeze": OpKind.RESHAPE, "Transpose": OpKind.TRANSPOSE, "Pad": OpKind.PAD,
+    "Resize": OpKind.RESIZE, "Upsample": OpKind.RESIZE, "Softmax": OpKind.SOFTMAX,
+    "Identity": OpKind.IDENTITY, "Dropout": OpKind.IDENTITY,
+    "ReduceMean": OpKind.REDUCE, "ReduceSum": OpKind.REDUCE, "ReduceMax": OpKind.REDUCE,
+    "Shape": OpKind.SHAPE, "Gather": OpKind.SHAPE, "ConstantOfShape": OpKind.SHAPE,
+    "Constant": OpKind.CONSTANT,
+}
+_ACTIVATIONS = {"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
+                "Gelu", "Clip", "Softplus", "Mish", "PRelu", "Celu", "ThresholdedRelu", "Swish"}
+_ELEMENTWISE = {"Erf", "Sqrt", "Pow", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Cast", "Floor",
+                "Ceil", "Round", "Sin", "Cos", "Where", "Max", "Min", "Equal", "Not"}
+_ROLES = {
+    "Conv": ("x", "weight", "bias"), "ConvTranspose": ("x", "weight", "bias"),
+    "Gemm": ("x", "weight", "bias"), "MatMul": ("x", "weight"),
+    "BatchNormalization": ("x", "scale", "bias", "mean", "var"),
+    "LayerNormalization": ("x", "scale", "bias"), "InstanceNormalization": ("x", "scale", "bias"),
+    "GroupNormalization": ("x", "scale", "bias"),
+}
+
+
+def _role(op: str, slot: int) -> str:
+    roles = _ROLES.get(op, ())
+    return roles[slot] if slot < len(roles) else f"in{slot}"
+
+
+def _slot(op: str, role: str) -> int:
+    roles = _ROLES.get(op, ())
+    if role in roles:
+        return roles.index(role)
+    if role.startswith("in") and role[2:].isdigit():
+        return int(role[2:])
+    raise KeyError(f"op {op} has no parameter role '{role}'")
+
+
+def load(src: str | os.PathLike | onnx.ModelProto,
+         input_shapes: Mapping[str, Sequence[int]] | None = None) -> OnnxGraph:
+    """Read an ONNX model (path or ModelProto) into an editable graph.
+
+    `input_shapes` fixes dynamic input dims for analysis and verification, e.g. {"x": (1,3,224,224)}.
+    """
+    if isinstance(src, onnx.ModelProto):
+        model = src
+    else:
+        path = os.fspath(src)
+        if not os.path.isfile(path):
+            raise InputError(f"cannot read model '{path}': no such file")
+        try:
+            model = onnx.load(path)
+        except Exception as exc:  # protobuf DecodeError, truncated files, bad external data
+            raise InputError(f"cannot read model '{path}': not a valid ONNX file "
+                             f"({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise InputError("model has an empty graph (not an ONNX model, or truncated)")
+    try:
+        onnx.checker.check_model(model) if model.ByteSize() < _LARGE_BYTES else None
+    except onnx.checker.ValidationError as exc:
+        raise InputError(f"model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as exc:
+        raise InputError(f"onnx-graphsurgeon cannot import the model: {exc}") from None
+    template = onnx.ModelProto()
+    template.CopyFrom(model) if model.ByteSize() < _LARGE_BYTES else None
+    template.ClearField("graph")
+    return OnnxGraph(graph, template, input_shapes or {}, normalize=True)
+
+
+class OnnxView(GraphView):
+    frontend = "onnx"
+
+    def __init__(self, nodes, inputs, outputs, param_users, constants, nodes_by_name):
+        super().__init__(nodes, inputs, outputs, param_users)
+        self._constants = constants
+
+    def _read_param(self, node: Node, role: str) -> np.ndarray:
+        arr = np.asarray(self._constants[node.params[role]].values)
+        if node.kind is OpKind.LINEAR:
+            if role == "weight" and node.attrs.get("layout") == "in_out":
+                return arr.T
+            if role == "bias":
+                return arr.reshape(-1)
+        return arr
+
+    def _param_info(self, node: Node, role: str):
+        t = self._constants[node.params[role]]
+        return tuple(t.shape), _np_dtype(t)
+
+
+class OnnxGraph(Frontend):
+    name = "onnx"
+
+    def __init__(self, graph: gs.Graph, template: onnx.ModelProto,
+                 input_shapes: Mapping[str, Sequence[int]], normalize: bool = False):
+        self.graph = graph
+        self.template = template
+        self.input_shapes = {k: tuple(int(d) for d in v) for k, v in input_shapes.items()}
+        self.load_notes: list[str] = []
+        self._version = 0
+        self._cache: dict[str, object] = {}
+        if normalize:
+            self._normalize()
+        self._check_input_shapes()
+
+    # --- loading -------------------------------------------------------------------------------
+    def _normalize(self) -> None:
+        for i, node in enumerate(self.graph.nodes):
+            if not node.name:
+                node.name = f"{node.op}_{i}"
+        seen: set[str] = set()
+        for node in self.graph.nodes:  # node names must be unique for addressing edits
+            base, k = node.name, 1
+            while node.name in seen:
+                node.name, k = f"{base}__{k}", k + 1
+            seen.add(node.name)
+        lifted = 0
+        outputs = {id(t) for t in self.graph.outputs}
+        for node in self.graph.nodes:
+            if node.op != "Constant" or id(node.outputs[0]) in outputs:
+                continue
+            values = _constant_node_values(node)
+            if values is None:
+                continue
+            out = node.outputs[0]
+            const = gs.Constant(out.name, values)
+            for user in list(out.outputs):
+                for j, t in enumerate(user.inputs):
+                    if t is out:
+                        user.inputs[j] = const
+            node.outputs.clear()
+            lifted += 1
+        for node in self.graph.nodes:  # Identity(initializer): exporters emit these for dedup
+            if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant) \
+                    and id(node.outputs[0]) not in outputs:
+                _replace_uses(node.outputs[0], node.inputs[0])
+                node.outputs.clear()
+                lifted += 1
+        if lifted:
+            self.load_notes.append(f"{lifted} Constant / Identity(initializer) nodes read as "
+                                   "initializers")
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Variable) and t not in self.graph.inputs \
+                    and t not in self.graph.outputs:
+                t.shape = None
+        for inp in self.graph.inputs:
+            if inp.shape is not None and any(isinstance(d, int) and d < 0 for d in inp.shape):
+                inp.shape = [f"{inp.name}_dim{j}" if isinstance(d, int) and d < 0 else d
+                             for j, d in enumerate(inp.shape)]
+                self.load_notes.append(f"input '{inp.name}': negative dims made symbolic")
+        self.graph.cleanup().toposort()
+
+    def _check_input_shapes(self) -> None:
+        names = [t.name for t in self.graph.inputs]
+        for name, shape in self.input_shapes.items():
+            if name not in names:
+                raise InputError(f"input shape given for '{name}', but the model's inputs are: "
+                                 f"{', '.join(names)}")
+            declared = next(t for t in self.graph.inputs if t.name == name).shape
+            if declared is None:
+                continue
+            if len(declared) != len(shape):
+                raise InputError(f"input '{name}': shape {list(shape)} has rank {len(shape)}, "
+                                 f"the model declares rank {len(declared)} {list(declared)}")
+            for d_model, d_user in zip(declared, shape):
+                if isinstance(d_model, int) and d_model > 0 and d_model != d_user:
+                    raise InputError(f"input '{name}': shape {list(shape)} conflicts with the "
+                                     f"model's fixed shape {list(declared)}")
+
+    # --- Frontend API --------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def copy(self) -> OnnxGraph:
+        clone = OnnxGraph(self.graph.copy(), self.template, self.input_shapes)
+        clone.load_notes = list(self.load_notes)
+        return clone
+
+    def view(self) -> OnnxView:
+        if "view" not in self._cache:
+            self._cache["view"] = self._build_view()
+        return self._cache["view"]
+
+    def _build_view(self) -> OnnxView:
+        nodes, param_users, constants = [], {}, {}
+        for g in self.graph.nodes:
+            inputs, params = [], {}
+            for slot, t in enumerate(g.inputs):
+                if isinstance(t, gs.Constant):
+                    role = _role(g.op, slot)
+                    params[role] = t.name
+                    constants[t.name] = t
+                    param_users.setdefault(t.name, []).append(g.name)
+                elif t.name:
+                    inputs.append(t.name)
+            kind, attrs = _classify(g, params)
+            nodes.append(Node(g.name, kind, g.op, tuple(inputs), tuple(t.name for t in g.outputs),
+                              params, attrs))
+        users = {k: tuple(v) for k, v in param_users.items()}
+        return OnnxView(nodes, [t.name for t in self.graph.inputs],
+                        [t.name for t in self.graph.outputs], users, constants, None)
+
+    def apply(self, edits: Sequence[Edit]) -> int:
+        by_name = {n.name: n for n in self.graph.nodes}
+        touched: set[str] = set()
+        kinds = {n.name: n for n in self.view().nodes()}
+        for e in edits:
+            if e.node not in by_name:
+                raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
+            if isinstance(e, SetParam):
+                self._set_param(by_name[e.node], kinds[e.node], e.role, e.value)
+            elif isinstance(e, Bypass):
+                self._bypass(by_name[e.node])
+            else:
+                raise TypeError(f"the ONNX frontend cannot apply {type(e).__name__}")
+            touched.add(e.node)
+        if edits:
+            self.graph.cleanup().toposort()
+            self._version += 1
+            self._cache.clear()
+        return len(touched)
+
+    def _fresh(self, base: str) -> str:
+        taken = set(self.graph.tensors().keys()) | {n.name for n in self.graph.nodes}
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def _set_param(self, g: gs.Node, node: Node, role: str, value: np.ndarray) -> None:
+        slot = _slot(g.op, role)
+        old = g.inputs[slot] if slot < len(g.inputs) else None
+        ref = old if isinstance(old, gs.Constant) else g.inputs[1] if len(g.inputs) > 1 else None
+        dtype = np.asarray(ref.values).dtype if isinstance(ref, gs.Constant) else np.float32
+        arr = np.asarray(value)
+        if node.kind is OpKind.LINEAR and role == "weight" and node.attrs.get("layout") == "in_out":
+            arr = arr.T
+        if node.kind is OpKind.LINEAR and role == "bias" and isinstance(old, gs.Constant):
+            arr = arr.reshape(old.shape)
+        arr = np.ascontiguousarray(arr.astype(dtype, copy=False))
+        if g.op == "MatMul" and role == "bias":
+            self._add_bias_after(g, arr)
+            return
+        if isinstance(old, gs.Constant):
+            shared = len(old.outputs) > 1
+            g.inputs[slot] = gs.Constant(self._fresh(old.name) if shared else old.name, arr)
+            return
+        if old is not None and old.name:
+            raise ValueError(f"node '{g.name}': parameter '{role}' is a computed tensor, not a "
+                             "constant; it cannot be replaced")
+        while len(g.inputs) < slot:
+            g.inputs.append(gs.Variable.empty())
+        const = gs.Constant(self._fresh(f"{g.name}.{role}"), arr)
+        if slot < len(g.inputs):
+            g.inputs[slot] = const
+        else:
+            g.inputs.append(const)
+
+    def _add_bias_after(self, g: gs.Node, bias: np.ndarray) -> None:
+        out = g.outputs[0]
+        mid = gs.Variable(self._fresh(f"{out.name}_nobias"), dtype=out.dtype)
+        g.outputs[0] = mid
+        const = gs.Constant(self._fresh(f"{g.name}.bias"), bias)
+        self.graph.nodes.append(gs.Node("Add", self._fresh(f"{g.name}_bias"), inputs=[mid, const],
+                                        outputs=[out]))
+
+    def _bypass(self, g: gs.Node) -> None:
+        data = [t for t in g.inputs if isinstance(t, gs.Variable) and t.name]
+        if len(data) != 1 or not g.outputs:
+            raise ValueError(f"node '{g.name}' ({g.op}) does not have exactly one data input")
+        src, out = data[0], g.outputs[0]
+        for extra in g.outputs[1:]:
+            if extra.outputs or extra in self.graph.outputs:
+                raise ValueError(f"node '{g.name}': output '{extra.name}' is used; cannot bypass")
+        if out not in self.graph.outputs:
+            _replace_uses(out, src)
+        elif src in self.graph.inputs or src in self.graph.outputs or not src.inputs:
+            g.op, g.attrs = "Identity", {}
+            g.inputs.clear()
+            g.inputs.append(src)
+            del g.outputs[1:]
+            return
+        else:
+            _replace_uses(src, out, skip=g)
+            producer = src.inputs[0]
+            producer.outputs[producer.outputs.index(src)] = out
+        g.inputs.clear()
+        g.outputs.clear()
+
+    # --- export, check, run ----------------------------------------------------------------------
+    def to_proto(self) -> onnx.ModelProto:
+        if "proto" not in self._cache:
+            model = gs.export_onnx(self.graph, do_type_check=False)
+            for fld in ("ir_version", "producer_name", "producer_version", "domain",
+                        "model_version", "doc_string"):
+                if self.template.HasField(fld):
+                    setattr(model, fld, getattr(self.template, fld))
+            del model.metadata_props[:]
+            model.metadata_props.extend(self.template.metadata_props)
+            self._cache["proto"] = model
+        return self._cache["proto"]
+
+    def nbytes(self) -> int:
+        return sum(int(np.prod(t.shape or ())) * np.dtype(_np_dtype(t)).itemsize
+                   for t in self.graph.tensors().values() if isinstance(t, gs.Constant))
+
+    def is_large(self) -> bool:
+        return self.nbytes() > _LARGE_BYTES
+
+    def save(self, path: str) -> None:
+        model = self.to_proto()
+        if self.is_large():
+            onnx.save_model(model, path, save_as_external_data=True,
+                            all_tensors_to_one_file=True,
+                            location=os.path.basename(path) + ".data")
+        else:
+            onnx.save_model(model, path)
+
+    to_onnx = save
+
+    def _model_ref(self) -> str | bytes:
+        """Serialized bytes, or for >2 GB models a path to a temporary copy with external data."""
+        if not self.is_large():
+            return self.to_proto().SerializeToString()
+        if "path" not in self._cache:
+            tmp = tempfile.mkdtemp(prefix="graphslim_")
+            path = os.path.join(tmp, "model.onnx")
+            self.save(path)
+            self._cache["path"] = path
+        return self._cache["path"]
+
+    def check(self) -> None:
+        ref = self._model_ref()
+        try:
+            onnx.checker.check_model(ref if isinstance(ref, str) else self.to_proto(),
+                                     full_check=True)
+        except Exception as exc:
+            raise StructureError(f"onnx.checker: {str(exc).strip().splitlines()[0]}") from None
+        self._session()
+
+    def _session(self):
+        if "session" not in self._cache:
+            from graphslim.runtime import make_session
+            try:
+                self._cache["session"] = make_session(self._model_ref(), opt_level="basic")
+            except Exception as exc:
+                raise StructureError(f"ONNX Runtime cannot load the model: {exc}") from None
+        return self._cache["session"]
+
+    def input_specs(self) -> list[TensorSpec]:
+        specs = []
+        for t in self.graph.inputs:
+            shape = self.input_shapes.get(t.name)
+            if shape is None:
+                dims = list(t.shape or [])
+                for j, d in enumerate(dims):
+                    if not (isinstance(d, int) and d > 0):
+                        if j != 0:
+                            raise InputError(
+                                f"input '{t.name}' has dynamic dim {j} ('{d}'): give a concrete "
+                                f"shape, e.g. --input-shape {t.name}:1,3,224,224")
+                        log.info("input '%s': dynamic batch dim fixed to 1", t.name)
+                        dims[j] = 1
+                shape = tuple(dims)
+            specs.append(TensorSpec(t.name, tuple(shape), np.dtype(_np_dtype(t))))
+        return specs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = self._session()
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds)))
+
+    def infer_shapes(self) -> dict[str, tuple]:
+        model = onnx.ModelProto()
+        model.CopyFrom(self.to_proto())
+        for inp, spec in zip(model.graph.input, self.input_specs()):
+            del inp.type.tensor_type.shape.dim[:]
+            for d in spec.shape:
+                inp.type.tensor_type.shape.dim.add().dim_value = d
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        shapes: dict[str, tuple] = {}
+        for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            tt = vi.type.tensor_type
+            if tt.HasField("shape"):
+                shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                        for d in tt.shape.dim)
+        for t in self.graph.tensors().values():
+            if isinstance(t, gs.Constant):
+                shapes[t.name] = tuple(t.shape)
+        return shapes
+
+
+def _np_dtype(t) -> np.dtype:
+    if isinstance(t, gs.Constant):
+        return np.dtype(t.dtype) if not isinstance(t.dtype, int) else \
+            onnx.helper.tensor_dtype_to_np_dtype(t.dtype)
+    if t.dtype is None:
+        return np.dtype(np.float32)
+    if isinstance(t.dtype, int):
+        return onnx.helper.tensor_dtype_to_np_dtype(t.dtype)
+    return np.dtype(t.dtype)
+
+
+def _replace_uses(old: gs.Variable, new: gs.Tensor, skip: gs.Node | None = None) -> None:
+    for user in list(old.outputs):
+        if user is skip:
+            continue
+        for j, t in enumerate(user.inputs):
+            if t is old:
+                user.inputs[j] = new
+
+
+def _constant_node_values(node: gs.Node) -> np.ndarray | None:
+    a = node.attrs
+    if "value" in a:
+        return np.asarray(a["value"].values)
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in a:
+            return np.asarray(a[key], dtype=dtype)
+    return None  # sparse or string constants stay as nodes
+
+
+def _classify(g: gs.Node, params: dict[str, str]) -> tuple[OpKind, dict]:
+    op, a = g.op, g.attrs
+    if op in ("Conv", "ConvTranspose") and "weight" in params:
+        w_shape = tuple(g.inputs[1].shape)
+        nd = len(w_shape) - 2
+        attrs = {
+            "groups": int(a.get("group", 1)), "kernel_shape": w_shape[2:],
+            "strides": tuple(a.get("strides", [1] * nd)),
+            "dilations": tuple(a.get("dilations", [1] * nd)),
+            "pads": tuple(a.get("pads", [0] * 2 * nd)),
+            "auto_pad": a.get("auto_pad", "NOTSET"), "padding_mode": "zeros",
+        }
+        if op == "ConvTranspose":
+            attrs["output_padding"] = tuple(a.get("output_padding", [0] * nd))
+            return OpKind.CONV_TRANSPOSE, attrs
+        return OpKind.CONV, attrs
+    if op == "Gemm":
+        w = g.inputs[1] if len(g.inputs) > 1 else None
+        linear = (isinstance(w, gs.Constant) and len(w.shape) == 2 and not a.get("transA", 0)
+                  and float(a.get("alpha", 1.0)) == 1.0 and
+                  (len(g.inputs) < 3 or (float(a.get("beta", 1.0)) == 1.0 and
+                                         isinstance(g.inputs[2], gs.Constant))))
+        if linear:
+            out_features = w.shape[0] if a.get("transB", 0) else w.shape[1]
+            if len(g.inputs) < 3 or int(np.prod(g.inputs[2].shape)) == out_features:
+                return OpKind.LINEAR, {"layout": "out_in" if a.get("transB", 0) else "in_out"}
+        return OpKind.OPAQUE, {"reason": "Gemm with transA, alpha/beta != 1 or a full C matrix"}
+    if op == "MatMul":
+        w = g.inputs[1]
+        if isinstance(w, gs.Constant) and len(w.shape) == 2 and not isinstance(g.inputs[0],
+                                                                               gs.Constant):
+            return OpKind.LINEAR, {"layout": "in_out"}
+        return OpKind.MATMUL, {}
+    if op == "BatchNormalization":
+        training = bool(a.get("training_mode", 0)) or len(g.outputs) > 1
+        return OpKind.BATCHNORM, {"eps": float(a.get("epsilon", 1e-5)), "training": training}
+    if op in _SIMPLE_KINDS:
+        attrs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in a.items()
+                 if isinstance(v, (int, float, str, list))}
+        return _SIMPLE_KINDS[op], attrs
+    if op in _ACTIVATIONS:
+        return OpKind.ACTIVATION, {"fn": op}
+    if op in _ELEMENTWISE:
+        return OpKind.ELEMENTWISE, {"fn": op}
+    return OpKind.OPAQUE, {"reason": f"op {op} is not modelled by graphslim"}

@@ -1,0 +1,253 @@
+"""Pass, Plan, the pass registry and the PassManager.
+
+A pass reads a read-only GraphView and returns a Plan (edits + skipped nodes with reasons + stats);
+the manager applies the plan through the model's frontend, drops analyses the pass does not
+preserve, verifies, and records what happened. The caller's model is copied once up front unless
+`inplace=True`. Every listed pass runs; there are no optimization levels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar
+
+from graphslim.analyses import Analysis, AnalysisManager
+from graphslim.analyses.cost import Cost
+from graphslim.edits import Edit
+from graphslim.errors import (GraphslimError, InputError, PassError, StructureError,
+                              VerificationError)
+from graphslim.frontends.base import Frontend
+from graphslim.ir import GraphView
+from graphslim.report import PassRecord, Report, Snapshot
+from graphslim.verify import ErrorMetrics, Tolerance, compare, is_close, make_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Skip:
+    node: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    edits: list[Edit] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    stats: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def skip(self, node: str, reason: str) -> None:
+        self.skipped.append(Skip(node, reason))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses whose fields are their options."""
+
+    name: ClassVar[str] = "pass"
+    lossless: ClassVar[bool] = True
+    preserves: ClassVar[tuple[type[Analysis], ...]] = ()
+    summary: ClassVar[str] = ""
+
+    def plan(self, view: GraphView, analyses: AnalysisManager) -> Plan:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        from graphslim.pipeline_text import print_pass
+        return print_pass(self)
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """Run `passes` in order until none of them changes anything, at most `max_iter` rounds."""
+
+    passes: tuple
+    max_iter: int = 4
+    name: ClassVar[str] = "repeat"
+
+    def __post_init__(self):
+        if self.max_iter < 1:
+            raise ValueError("repeat: max-iter must be >= 1")
+
+    def __str__(self) -> str:
+        from graphslim.pipeline_text import print_pass
+        return print_pass(self)
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its textual name."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two passes named '{cls.name}': {_REGISTRY[cls.name]} and {cls}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Registered passes, including those installed packages declare under the
+    `graphslim.passes` entry-point group (so the engine never imports `passes` itself)."""
+    global _ENTRY_POINTS_LOADED
+    if not _ENTRY_POINTS_LOADED:
+        _ENTRY_POINTS_LOADED = True
+        for ep in metadata.entry_points(group="graphslim.passes"):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken plugin must not take the engine down
+                log.warning("could not load pass plugin %s: %s", ep.value, exc)
+    return dict(_REGISTRY)
+
+
+@dataclass
+class RunResult:
+    model: Frontend
+    report: Report
+
+
+class PassManager:
+    """Runs a pipeline. verify: 'each' (default), 'end' or 'off'. `max_error` bounds the relative
+    L2 error of lossy passes against the original (None: report only)."""
+
+    def __init__(self, pipeline, verify: str = "each", tolerance: Tolerance = Tolerance(),
+                 max_error: float | None = None, seed: int = 0, instruments=(),
+                 inplace: bool = False):
+        from graphslim.pipeline_text import parse_pipeline
+        if isinstance(pipeline, str):
+            pipeline = parse_pipeline(pipeline)
+        if verify not in ("each", "end", "off"):
+            raise ValueError(f"verify must be 'each', 'end' or 'off', not '{verify}'")
+        self.pipeline = list(pipeline)
+        self.verify = verify
+        self.tolerance = tolerance
+        self.max_error = max_error
+        self.seed = seed
+        self.instruments = list(instruments)
+        self.inplace = inplace
+
+    @property
+    def text(self) -> str:
+        from graphslim.pipeline_text import print_pipeline
+        return print_pipeline(self.pipeline)
+
+    def run(self, model: Frontend, data: Any = None,
+            inputs: dict | None = None, dry_run: bool = False) -> RunResult:
+        work = model if self.inplace else model.copy()
+        am = AnalysisManager(work, data)
+        feeds = inputs if inputs is not None else make_inputs(work.input_specs(), self.seed)
+        try:
+            work.check()
+        except StructureError as exc:
+            raise InputError(f"the input model fails its structural check: {exc}") from None
+        state = _State(work, am, feeds, work.run(feeds) if self.verify != "off" else None)
+        report = Report(self.text, work.name, _snapshot(work, am),
+                        notes=list(getattr(work, "load_notes", [])))
+        t0 = time.perf_counter()
+        for p in self.pipeline:
+            self._run_item(p, state, report, dry_run)
+        if self.verify == "end" and state.ran:
+            self._verify_end(state, report)
+        report.seconds = time.perf_counter() - t0
+        report.final = _snapshot(work, am)
+        return RunResult(work, report)
+
+    def _run_item(self, item, state: _State, report: Report, dry_run: bool) -> int:
+        if isinstance(item, Repeat):
+            total = 0
+            for _ in range(item.max_iter):
+                changed = sum(self._run_item(p, state, report, dry_run) for p in item.passes)
+                total += changed
+                if not changed:
+                    break
+            return total
+        record = self._run_pass(item, state, dry_run)
+        report.records.append(record)
+        state.ran.append(item.name)
+        return record.edits
+
+    def _run_pass(self, p: Pass, state: _State, dry_run: bool) -> PassRecord:
+        for inst in self.instruments:
+            getattr(inst, "before_pass", lambda *a: None)(p, state.model)
+        t0 = time.perf_counter()
+        before = tuple(state.ran)
+        try:
+            plan = p.plan(state.model.view(), state.am)
+            changed = 0 if dry_run else state.model.apply(plan.edits)
+        except GraphslimError:
+            raise
+        except Exception as exc:
+            raise PassError(p.name, f"{type(exc).__name__}: {exc}", getattr(exc, "node", None),
+                            before) from exc
+        if changed:
+            state.am.invalidate(p.preserves)
+        seconds = time.perf_counter() - t0
+        record = PassRecord(str(p), p.name, p.lossless, seconds, len(plan.edits), changed,
+                            list(plan.skipped), dict(plan.stats), list(plan.notes))
+        if changed and self.verify == "each":
+            self._verify(p, state, record)
+        record.after = _snapshot(state.model, state.am)
+        for inst in self.instruments:
+            getattr(inst, "after_pass", lambda *a: None)(p, state.model, record)
+        return record
+
+    def _verify(self, p: Pass, state: _State, record: PassRecord) -> None:
+        try:
+            state.model.check()
+            outputs = state.model.run(state.feeds)
+            vs_prev = compare(state.prev, outputs, self.tolerance)
+            vs_orig = compare(state.original, outputs, self.tolerance)
+        except StructureError as exc:
+            raise VerificationError(p.name, "structure", str(exc), "must pass") from None
+        except ValueError as exc:
+            raise VerificationError(p.name, "outputs", str(exc), "unchanged names/shapes") \
+                from None
+        record.error_prev, record.error_orig = vs_prev, vs_orig
+        record.verified = "numerical" if p.lossless else "reported"
+        if p.lossless and not is_close(vs_prev):
+            raise VerificationError(p.name, "max |after - before|", f"{vs_prev.max_abs:.3g}",
+                                    str(self.tolerance), "a lossless pass changed the outputs")
+        self._check_budget(p.name, vs_orig)
+        state.prev = outputs
+
+    def _check_budget(self, name: str, vs_orig: ErrorMetrics) -> None:
+        if self.max_error is not None and vs_orig.rel_l2 > self.max_error:
+            raise VerificationError(name, "relative L2 error vs original",
+                                    f"{vs_orig.rel_l2:.3g}", f"{self.max_error:g}")
+
+    def _verify_end(self, state: _State, report: Report) -> None:
+        name = report.records[-1].name if report.records else "pipeline"
+        try:
+            state.model.check()
+            metrics = compare(state.original, state.model.run(state.feeds), self.tolerance)
+        except StructureError as exc:
+            raise VerificationError(name, "structure", str(exc), "must pass") from None
+        report.end_error = metrics
+        if all(r.lossless for r in report.records) and not is_close(metrics):
+            raise VerificationError(name, "max |final - original|", f"{metrics.max_abs:.3g}",
+                                    str(self.tolerance), "lossless pipeline changed the outputs")
+        self._check_budget(name, metrics)
+
+
+@dataclass
+class _State:
+    model: Frontend
+    am: AnalysisManager
+    feeds: dict
+    original: dict | None
+    prev: dict | None = None
+    ran: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.prev = self.original
+
+
+def _snapshot(model: Frontend, am: AnalysisManager) -> Snapshot:
+    cost = am.get(Cost)
+    return Snapshot(len(model.view().nodes()), cost.params, cost.macs, model.nbytes(),
+                    model.view().op_counts())

@@ -1,0 +1,146 @@
+"""Before/after tables and the JSON report of a pipeline run; also the textual IR dump."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from graphslim.ir import GraphView
+from graphslim.verify import ErrorMetrics
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nodes: int
+    params: int
+    macs: int
+    bytes: int
+    op_counts: dict
+
+    def as_dict(self) -> dict:
+        return {"nodes": self.nodes, "params": self.params, "macs": self.macs,
+                "bytes": self.bytes, "op_counts": self.op_counts}
+
+
+@dataclass
+class PassRecord:
+    text: str
+    name: str
+    lossless: bool
+    seconds: float
+    edits: int
+    nodes_changed: int
+    skipped: list
+    stats: dict
+    notes: list
+    after: Snapshot | None = None
+    error_prev: ErrorMetrics | None = None
+    error_orig: ErrorMetrics | None = None
+    verified: str = "not run"
+
+    def as_dict(self) -> dict:
+        return {
+            "pass": self.text, "lossless": self.lossless, "seconds": round(self.seconds, 4),
+            "edits": self.edits, "nodes_changed": self.nodes_changed,
+            "skipped": [{"node": s.node, "reason": s.reason} for s in self.skipped],
+            "stats": self.stats, "notes": self.notes, "verified": self.verified,
+            "after": self.after.as_dict() if self.after else None,
+            "error_vs_previous": self.error_prev.as_dict() if self.error_prev else None,
+            "error_vs_original": self.error_orig.as_dict() if self.error_orig else None,
+        }
+
+
+@dataclass
+class Report:
+    pipeline: str
+    frontend: str
+    original: Snapshot
+    records: list[PassRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    final: Snapshot | None = None
+    end_error: ErrorMetrics | None = None
+    seconds: float = 0.0
+
+    def skipped(self) -> list:
+        return [s for r in self.records for s in r.skipped]
+
+    def as_dict(self) -> dict:
+        return {"pipeline": self.pipeline, "frontend": self.frontend, "notes": self.notes,
+                "original": self.original.as_dict(),
+                "final": self.final.as_dict() if self.final else None,
+                "passes": [r.as_dict() for r in self.records],
+                "end_error": self.end_error.as_dict() if self.end_error else None,
+                "seconds": round(self.seconds, 4)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, default=str)
+
+    def table(self, skipped: bool = True) -> str:
+        rows = [("step", "time", "edits", "skips", "nodes", "params", "MACs", "bytes",
+                 "max|err|", "rel L2")]
+        o = self.original
+        rows.append(("original", "", "", "", str(o.nodes), human(o.params), human(o.macs),
+                     human(o.bytes, "B"), "", ""))
+        for r in self.records:
+            a = r.after or o
+            err = r.error_prev
+            rows.append((r.text, f"{r.seconds * 1e3:.0f} ms", str(r.edits), str(len(r.skipped)),
+                         str(a.nodes), human(a.params), human(a.macs), human(a.bytes, "B"),
+                         f"{err.max_abs:.2e}" if err else "-",
+                         f"{r.error_orig.rel_l2:.2e}" if r.error_orig else "-"))
+        out = [format_rows(rows)]
+        if self.final is not None:
+            out.append(f"\nops before: {_ops(o.op_counts)}\nops after:  {_ops(self.final.op_counts)}")
+        if skipped and self.skipped():
+            out.append("\nleft unchanged:")
+            out.extend(f"  {s.node}: {s.reason}" for s in self.skipped())
+        if self.notes:
+            out.append("\nnotes: " + "; ".join(self.notes))
+        return "\n".join(out)
+
+
+def _ops(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:12])
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def format_rows(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_view(view: GraphView) -> str:
+    """One line per node: `out = Op<kind>(inputs) [role:shape ...]`, MLIR-like."""
+    lines = [f"graph({', '.join(view.inputs)}) -> ({', '.join(view.outputs)})  [{view.frontend}]"]
+    for n in view.nodes():
+        params = " ".join(f"{r}:{'x'.join(map(str, view.param_info(n.name, r)[0]))}"
+                          for r in n.params)
+        lines.append(f"  %{n.output} = {n.op}<{n.kind.value}>({', '.join(n.inputs)})"
+                     + (f" [{params}]" if params else "") + f"  # {n.name}")
+    return "\n".join(lines)
+
+
+class PrintIRAfter:
+    """Instrument: print the IR after the named passes ('all' for every pass) to `stream`."""
+
+    def __init__(self, names: str | tuple = "all", stream=None):
+        import sys
+        self.names = names
+        self.stream = stream or sys.stderr
+
+    def after_pass(self, p, model, record) -> None:
+        if self.names == "all" or p.name in self.names:
+            print(f"// ----- IR after {record.text} -----", file=self.stream)
+            print(format_view(model.view()), file=self.stream)

@@ -1,0 +1,110 @@
+"""Emit and run: ONNX Runtime sessions (CPU, CUDA where present) and latency measurement.
+
+Latency is reported as median and interquartile range over repeated runs after warm-up; two models
+are compared by interleaving their runs in one process so that a noisy, shared machine slows both
+alike and the ratio holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+_LEVELS = {
+    "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def available_providers() -> list[str]:
+    """Short names ('cpu', 'cuda') of the execution providers this onnxruntime build offers."""
+    have = set(ort.get_available_providers())
+    return [k for k, v in _PROVIDERS.items() if v in have]
+
+
+def make_session(model: str | bytes, provider: str = "cpu", opt_level: str = "all",
+                 threads: int = 0, optimized_model_path: str | None = None,
+                 ) -> ort.InferenceSession:
+    """An InferenceSession on `provider` ('cpu' or 'cuda'); threads=0 lets ORT use every core.
+
+    `optimized_model_path` saves ORT's optimized graph (what actually runs) for inspection.
+    """
+    if opt_level not in _LEVELS:
+        raise ValueError(f"opt_level must be one of {sorted(_LEVELS)}, not '{opt_level}'")
+    if provider not in _PROVIDERS:
+        raise ValueError(f"provider must be one of {sorted(_PROVIDERS)}, not '{provider}'")
+    if provider not in available_providers():
+        raise RuntimeError(f"execution provider '{provider}' is not available in this "
+                           f"onnxruntime build (available: {available_providers()})")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _LEVELS[opt_level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized_model_path:
+        so.optimized_model_filepath = optimized_model_path
+    providers = [_PROVIDERS[provider]]
+    if provider != "cpu":
+        providers.append(_PROVIDERS["cpu"])
+    return ort.InferenceSession(model, sess_options=so, providers=providers)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Seconds per call: median and interquartile range over `samples` timed calls."""
+
+    median: float
+    iqr: float
+    samples: int
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:.2f} ms (IQR {self.iqr * 1e3:.2f})"
+
+
+def _stats(times: list[float]) -> Latency:
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    return Latency(float(med), float(q3 - q1), len(times))
+
+
+def measure(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,
+            min_time: float = 0.0) -> Latency:
+    """Time `fn()`: `warmup` untimed calls, then at least `repeats` calls (and `min_time` s)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return _stats(times)
+
+
+def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 3,
+            repeats: int = 20) -> tuple[Latency, Latency]:
+    """Interleaved A/B timing: a, b, a, b, ... so both see the same machine load."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta: list[float] = []
+    tb: list[float] = []
+    for i in range(repeats):
+        order = ((fn_a, ta), (fn_b, tb)) if i % 2 == 0 else ((fn_b, tb), (fn_a, ta))
+        for fn, acc in order:
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return _stats(ta), _stats(tb)
+
+
+def session_runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """A zero-argument callable running `sess` on fixed feeds, for measure()/compare()."""
+    names = [o.name for o in sess.get_outputs()]
+    return lambda: sess.run(names, feeds)

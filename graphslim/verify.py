@@ -1,0 +1,95 @@
+"""Seeded inputs, numerical comparison and error metrics used after every pass.
+
+Tolerances are always explicit: lossless passes are held to `Tolerance()` (fp32: rtol 1e-4,
+atol 1e-5, in the numpy.allclose sense |got - ref| <= atol + rtol * |ref|); lossy passes report
+relative L2 error, cosine similarity and SQNR and fail only above a user-set limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from graphslim.errors import InputError
+from graphslim.frontends.base import TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    def __str__(self) -> str:
+        return f"rtol {self.rtol:g}, atol {self.atol:g}"
+
+
+@dataclass(frozen=True)
+class ErrorMetrics:
+    """Error of `got` against `ref`, worst over all outputs."""
+
+    max_abs: float
+    max_excess: float  # max of |got - ref| - (atol + rtol |ref|): > 0 means not allclose
+    rel_l2: float
+    cosine: float
+    sqnr_db: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_inputs(specs: list[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
+    """Reproducible inputs: standard normal floats, small non-negative ints, random bools."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for s in specs:
+        if s.dtype.kind == "f":
+            feeds[s.name] = rng.standard_normal(s.shape).astype(s.dtype)
+        elif s.dtype.kind in "iu":
+            feeds[s.name] = rng.integers(0, 8, size=s.shape).astype(s.dtype)
+        elif s.dtype.kind == "b":
+            feeds[s.name] = rng.random(s.shape) > 0.5
+        else:
+            raise InputError(f"input '{s.name}': cannot make test data of dtype {s.dtype}")
+    log.debug("verification inputs: %s (seed %d)",
+              ", ".join(f"{s.name}{list(s.shape)}" for s in specs), seed)
+    return feeds
+
+
+def _pairs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]):
+    if list(ref) != list(got):
+        raise ValueError(f"output names changed: {list(ref)} -> {list(got)}")
+    for name in ref:
+        a, b = np.asarray(ref[name]), np.asarray(got[name])
+        if a.shape != b.shape:
+            raise ValueError(f"output '{name}' changed shape: {a.shape} -> {b.shape}")
+        if a.dtype != b.dtype:
+            raise ValueError(f"output '{name}' changed dtype: {a.dtype} -> {b.dtype}")
+        yield name, a.astype(np.float64), b.astype(np.float64)
+
+
+def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
+            tol: Tolerance = Tolerance()) -> ErrorMetrics:
+    """Metrics of `got` against `ref`; `max_excess` > 0 means allclose(got, ref, tol) fails."""
+    max_abs = excess = 0.0
+    err2 = ref2 = dot = got2 = 0.0
+    for _, a, b in _pairs(ref, got):
+        d = np.abs(b - a)
+        if d.size:
+            max_abs = max(max_abs, float(d.max()))
+            excess = max(excess, float((d - (tol.atol + tol.rtol * np.abs(a))).max()))
+        err2 += float(np.sum((b - a) ** 2))
+        ref2 += float(np.sum(a * a))
+        got2 += float(np.sum(b * b))
+        dot += float(np.sum(a * b))
+    rel_l2 = np.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else float("inf"))
+    cosine = dot / np.sqrt(ref2 * got2) if ref2 > 0 and got2 > 0 else float(err2 == 0)
+    sqnr = 10 * np.log10(ref2 / err2) if err2 > 0 else float("inf")
+    return ErrorMetrics(max_abs, excess, float(rel_l2), float(cosine), float(sqnr))
+
+
+def is_close(metrics: ErrorMetrics) -> bool:
+    return metrics.max_excess <= 0.0

@@ -1,0 +1,5 @@
+"""The rewrite passes. Importing this package registers every pass by its textual name."""
+
+from passes.fold_bn import FoldBatchNorm
+
+__all__ = ["FoldBatchNorm"]
