@@ -266,6 +266,10 @@ class OnnxGraph(Frontend):
         return name
 
     def _set_param(self, g: gs.Node, node: Node, role: str, value: np.ndarray) -> None:
+        if g.op == "MatMul" and role == "bias":  # MatMul has no bias input: add one after it
+            w = g.inputs[1]
+            self._add_bias_after(g, np.asarray(value).astype(np.asarray(w.values).dtype))
+            return
         slot = _slot(g.op, role)
         old = g.inputs[slot] if slot < len(g.inputs) else None
         ref = old if isinstance(old, gs.Constant) else g.inputs[1] if len(g.inputs) > 1 else None
@@ -276,9 +280,6 @@ class OnnxGraph(Frontend):
         if node.kind is OpKind.LINEAR and role == "bias" and isinstance(old, gs.Constant):
             arr = arr.reshape(old.shape)
         arr = np.ascontiguousarray(arr.astype(dtype, copy=False))
-        if g.op == "MatMul" and role == "bias":
-            self._add_bias_after(g, arr)
-            return
         if isinstance(old, gs.Constant):
             shared = len(old.outputs) > 1
             g.inputs[slot] = gs.Constant(self._fresh(old.name) if shared else old.name, arr)

@@ -1,0 +1,1 @@
+"""Command-line tools (thin argparse wrappers over the graphslim library)."""

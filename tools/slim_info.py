@@ -1,0 +1,60 @@
+"""slim-info: ops, parameters and MACs per layer of an ONNX file.
+
+    slim-info model.onnx [--input-shape x:1,3,224,224] [--layers 20] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from graphslim.analyses import AnalysisManager
+from graphslim.analyses.cost import Cost
+from graphslim.report import format_rows, human
+from tools._common import EXIT_OK, add_input_shape_arg, load_model, run_tool, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="slim-info", description=__doc__.strip().splitlines()[0])
+    p.add_argument("input", help="ONNX file")
+    add_input_shape_arg(p)
+    p.add_argument("--layers", type=int, default=15, help="show the N costliest layers (0: all)")
+    p.add_argument("--json", metavar="FILE", help="write per-layer costs as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    return run_tool("slim-info", lambda: _run(args))
+
+
+def _run(args) -> int:
+    model = load_model(args.input, args.input_shape)
+    view = model.view()
+    cost = AnalysisManager(model).get(Cost)
+    specs = ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in model.input_specs())
+    print(f"model:   {args.input}\ninputs:  {specs}\noutputs: {', '.join(view.outputs)}")
+    print(f"nodes {len(view.nodes())}, params {human(cost.params)}, MACs {human(cost.macs)}, "
+          f"weights {human(cost.weight_bytes, 'B')}")
+    for note in model.load_notes:
+        print(f"note: {note}")
+    print("\nops: " + ", ".join(f"{k} {v}" for k, v in
+                                sorted(view.op_counts().items(), key=lambda kv: -kv[1])))
+    ranked = sorted(view.nodes(), key=lambda n: -cost.per_node[n.name].macs)
+    if args.layers:
+        ranked = ranked[:args.layers]
+    rows = [("layer", "op", "kind", "params", "MACs", "% MACs", "bytes")]
+    for n in ranked:
+        c = cost.per_node[n.name]
+        share = 100.0 * c.macs / cost.macs if cost.macs else 0.0
+        rows.append((n.name, n.op, n.kind.value, human(c.params), human(c.macs), f"{share:.1f}",
+                     human(c.bytes, "B")))
+    print("\n" + format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({n.name: {"op": n.op, **vars(cost.per_node[n.name])}
+                       for n in view.nodes()}, f, indent=1)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
