@@ -109,6 +109,7 @@ def registered_passes() -> dict[str, type[Pass]]:
 class RunResult:
     model: Frontend
     report: Report
+    analyses: AnalysisManager
 
 
 class PassManager:
@@ -155,7 +156,7 @@ class PassManager:
             self._verify_end(state, report)
         report.seconds = time.perf_counter() - t0
         report.final = _snapshot(work, am)
-        return RunResult(work, report)
+        return RunResult(work, report, am)
 
     def _run_item(self, item, state: _State, report: Report, dry_run: bool) -> int:
         if isinstance(item, Repeat):

@@ -58,6 +58,8 @@ def node_macs(view: GraphView, node: Node, shapes: dict[str, tuple]) -> int:
     if kind is OpKind.LINEAR and _known(out):
         w, _ = view.param_info(node.name, "weight")
         return _prod(out) * w[1]
+    if kind is OpKind.MATMUL and "equation" in node.attrs:
+        return _einsum_macs(node.attrs["equation"], [shapes.get(v) for v in node.inputs])
     if kind is OpKind.MATMUL and _known(out) and node.inputs:
         a = shapes.get(node.inputs[0])
         if not _known(a) and node.params:  # constant left operand (fx / ONNX)
@@ -66,6 +68,17 @@ def node_macs(view: GraphView, node: Node, shapes: dict[str, tuple]) -> int:
     if kind is OpKind.ATTENTION and len(node.inputs) >= 1:
         return _attention_macs(node, [shapes.get(v) for v in node.inputs])
     return 0
+
+
+def _einsum_macs(equation: str, in_shapes: list) -> int:
+    """Product of the sizes of every index letter (one multiply-add per index combination)."""
+    lhs = equation.replace(" ", "").split("->")[0].split(",")
+    if "..." in equation or len(lhs) != len(in_shapes) or not all(map(_known, in_shapes)):
+        return 0
+    sizes: dict[str, int] = {}
+    for letters, shape in zip(lhs, in_shapes):
+        sizes.update(zip(letters, shape))
+    return _prod(sizes.values()) if len(lhs) > 1 else 0
 
 
 def _attention_macs(node: Node, in_shapes: list) -> int:
@@ -90,7 +103,11 @@ def _is_param(view: GraphView, node: Node, role: str) -> bool:
     return dtype.kind == "f" and _prod(shape) > 1
 
 
-def compute_cost(view: GraphView, shapes: dict[str, tuple]) -> CostReport:
+def compute_cost(view: GraphView, shapes: dict[str, tuple],
+                 opaque_macs: dict[str, int] | None = None) -> CostReport:
+    """Per-node and total cost; `opaque_macs` supplies MACs the frontend measured for nodes
+    graphslim does not model."""
+    opaque_macs = opaque_macs or {}
     per_node: dict[str, NodeCost] = {}
     seen_keys: dict[str, int] = {}
     stored: set[str] = set()
@@ -111,7 +128,8 @@ def compute_cost(view: GraphView, shapes: dict[str, tuple]) -> CostReport:
         for v in (*node.inputs, *node.outputs):
             if _known(shapes.get(v)):
                 nbytes += _prod(shapes[v]) * 4
-        per_node[node.name] = NodeCost(node_macs(view, node, shapes), params, nbytes)
+        macs = opaque_macs.get(node.name) or node_macs(view, node, shapes)
+        per_node[node.name] = NodeCost(macs, params, nbytes)
     return CostReport(per_node, sum(c.macs for c in per_node.values()),
                       sum(seen_keys.values()), weight_bytes)
 
@@ -121,4 +139,6 @@ class Cost(Analysis):
 
     @classmethod
     def compute(cls, am: AnalysisManager) -> CostReport:
-        return compute_cost(am.view, am.get(Shapes))
+        shapes = am.get(Shapes)
+        measured = getattr(am.model, "opaque_macs", dict)()
+        return compute_cost(am.view, shapes, measured)

@@ -25,6 +25,7 @@ from graphslim.ir import GraphView, Node, OpKind
 try:
     import torch
     from torch import fx, nn
+    from torch.fx.passes.shape_prop import ShapeProp
 except ImportError as _exc:  # pragma: no cover - exercised only without torch
     raise ImportError("the torch frontend needs torch: pip install 'graphslim[torch]'") from _exc
 
@@ -62,7 +63,7 @@ _FUNCTION_KINDS = {
     "matmul": OpKind.MATMUL, "bmm": OpKind.MATMUL, "layer_norm": OpKind.LAYERNORM,
     "mean": OpKind.REDUCE, "chunk": OpKind.SPLIT, "split": OpKind.SPLIT,
     "getitem": OpKind.SLICE, "size": OpKind.SHAPE, "getattr": OpKind.SHAPE, "pad": OpKind.PAD,
-    "interpolate": OpKind.RESIZE, "linear": OpKind.MATMUL,
+    "interpolate": OpKind.RESIZE, "linear": OpKind.MATMUL, "einsum": OpKind.MATMUL,
 }
 _ROLE_ATTRS = {
     OpKind.BATCHNORM: {"scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -143,6 +144,27 @@ class _eval_mode:
             m.training = flag
 
 
+class _ShapeAndFlopProp(ShapeProp):
+    """ShapeProp that also counts, with torch's flop counter, the MACs of opaque nodes. The math
+    SDPA kernel is forced there because the flop counter does not count CPU flash attention."""
+
+    def __init__(self, gm: fx.GraphModule, opaque: set[str]):
+        super().__init__(gm)
+        self.opaque = opaque
+        self.macs: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node):
+        if n.name not in self.opaque:
+            return super().run_node(n)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            result = super().run_node(n)
+        self.macs[n.name] = counter.get_total_flops() // 2
+        return result
+
+
 class FxView(GraphView):
     frontend = "fx"
 
@@ -218,7 +240,8 @@ class FxGraph(Frontend):
             kind = next((k for t, k in _MODULE_KINDS if isinstance(mod, t)), OpKind.OPAQUE)
             roles = _ROLE_ATTRS.get(kind)
             params = {}
-            for attr, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            leaf_params = [*mod.named_parameters(), *mod.named_buffers()]
+            for attr, t in leaf_params:
                 if t is None or not t.is_floating_point():
                     continue
                 role = attr if roles is None else next((r for r, a in roles.items() if a == attr),
@@ -313,15 +336,24 @@ class FxGraph(Frontend):
             raise StructureError("the traced graph and the module's own forward disagree")
 
     def infer_shapes(self) -> dict[str, tuple]:
-        from torch.fx.passes.shape_prop import ShapeProp
+        opaque = {n.name for n in self.view().nodes() if n.kind is OpKind.OPAQUE}
+        prop = _ShapeAndFlopProp(self.gm, opaque)
         with torch.no_grad(), _eval_mode(self.module):
-            ShapeProp(self.gm).propagate(*self.example_inputs)
+            prop.propagate(*self.example_inputs)
+        self._cache["opaque_macs"] = prop.macs
         shapes = {}
         for n in self.gm.graph.nodes:
             meta = n.meta.get("tensor_meta")
             if meta is not None and hasattr(meta, "shape"):
                 shapes[n.name] = tuple(int(d) for d in meta.shape)
         return shapes
+
+    def opaque_macs(self) -> dict[str, int]:
+        """MACs of nodes graphslim does not model (e.g. swin's fx-wrapped window attention),
+        counted by torch's FlopCounterMode while shapes propagate."""
+        if "opaque_macs" not in self._cache:
+            self.infer_shapes()
+        return self._cache["opaque_macs"]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
@@ -344,6 +376,8 @@ def _function_attrs(n: fx.Node, kind: OpKind) -> dict:
         return {"axis": n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)}
     if kind is OpKind.FLATTEN:
         return {"axis": n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)}
+    if kind is OpKind.MATMUL and isinstance(n.args[0], str):
+        return {"equation": n.args[0]}
     return {}
 
 
