@@ -1,6 +1,7 @@
 """fold-bn over torchvision's classification models, on fx and on the ONNX export (BN kept).
 
-    python benchmarks/fold_bn_zoo.py [--models resnet18,densenet121] [--out benchmarks/results/fold_bn_zoo.md]
+    python benchmarks/fold_bn_zoo.py [--models resnet18,densenet121]
+        [--out benchmarks/results/fold_bn_zoo.md]
 
 Per model and frontend: BatchNorms before/after, the reasons for each one left, max |error| vs the
 original (fp32; pass = within rtol 1e-4 / atol 1e-5), and the pass time. Weights are random

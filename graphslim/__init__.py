@@ -11,11 +11,24 @@ torch users: `graphslim.trace(module, example_inputs)` gives the same kind of mo
 
 from __future__ import annotations
 
-from graphslim.errors import (GraphslimError, InputError, PassError, PipelineError,
-                              StructureError, VerificationError)
+from graphslim.errors import (
+    GraphslimError,
+    InputError,
+    PassError,
+    PipelineError,
+    StructureError,
+    VerificationError,
+)
 from graphslim.frontends.onnx import OnnxGraph, load
-from graphslim.pass_manager import (Pass, PassManager, Plan, Repeat, RunResult, register_pass,
-                                    registered_passes)
+from graphslim.pass_manager import (
+    Pass,
+    PassManager,
+    Plan,
+    Repeat,
+    RunResult,
+    register_pass,
+    registered_passes,
+)
 from graphslim.pipeline_text import parse_pipeline, print_pipeline
 from graphslim.verify import Tolerance
 

@@ -16,7 +16,8 @@ class PipelineError(GraphslimError):
 
 
 class PassError(GraphslimError):
-    """A pass failed while planning or applying; names the pass, the node and the passes before it."""
+    """A pass failed while planning or applying; names the pass, the node and the passes run
+    before it."""
 
     def __init__(self, pass_name: str, message: str, node: str | None = None,
                  passes_before: tuple[str, ...] = ()):
@@ -25,7 +26,8 @@ class PassError(GraphslimError):
         self.passes_before = passes_before
         where = f" at node '{node}'" if node else ""
         before = ", ".join(passes_before) or "none"
-        super().__init__(f"pass '{pass_name}' failed{where}: {message} (passes run before: {before})")
+        super().__init__(f"pass '{pass_name}' failed{where}: {message} "
+                         f"(passes run before: {before})")
 
 
 class VerificationError(GraphslimError):

@@ -18,8 +18,13 @@ from typing import Any, ClassVar
 from graphslim.analyses import Analysis, AnalysisManager
 from graphslim.analyses.cost import Cost
 from graphslim.edits import Edit
-from graphslim.errors import (GraphslimError, InputError, PassError, StructureError,
-                              VerificationError)
+from graphslim.errors import (
+    GraphslimError,
+    InputError,
+    PassError,
+    StructureError,
+    VerificationError,
+)
 from graphslim.frontends.base import Frontend
 from graphslim.ir import GraphView
 from graphslim.report import PassRecord, Report, Snapshot

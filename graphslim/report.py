@@ -90,7 +90,8 @@ class Report:
                          f"{r.error_orig.rel_l2:.2e}" if r.error_orig else "-"))
         out = [format_rows(rows)]
         if self.final is not None:
-            out.append(f"\nops before: {_ops(o.op_counts)}\nops after:  {_ops(self.final.op_counts)}")
+            out.append(f"\nops before: {_ops(o.op_counts)}\n"
+                       f"ops after:  {_ops(self.final.op_counts)}")
         if skipped and self.skipped():
             out.append("\nleft unchanged:")
             out.extend(f"  {s.node}: {s.reason}" for s in self.skipped())

@@ -104,7 +104,8 @@ def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int 
     return _stats(ta), _stats(tb)
 
 
-def session_runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+def session_runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]
+                   ) -> Callable[[], object]:
     """A zero-argument callable running `sess` on fixed feeds, for measure()/compare()."""
     names = [o.name for o in sess.get_outputs()]
     return lambda: sess.run(names, feeds)

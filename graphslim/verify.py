@@ -1,8 +1,12 @@
 """Seeded inputs, numerical comparison and error metrics used after every pass.
 
 Tolerances are always explicit: lossless passes are held to `Tolerance()` (fp32: rtol 1e-4,
-atol 1e-5, in the numpy.allclose sense |got - ref| <= atol + rtol * |ref|); lossy passes report
-relative L2 error, cosine similarity and SQNR and fail only above a user-set limit.
+atol 1e-5, in the numpy.allclose sense |got - ref| <= atol * scale + rtol * |ref|); lossy passes
+report relative L2 error, cosine similarity and SQNR and fail only above a user-set limit.
+
+`scale` is max(1, max |ref|) of each output: float32 rounding error grows with the magnitude of
+what is summed, so a deep network whose logits reach 60 differs by ~3e-5 near its zero crossings
+after any exact rewrite (resnet50 here); for outputs within [-1, 1] this is plain allclose.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ log = logging.getLogger(__name__)
 class Tolerance:
     rtol: float = 1e-4
     atol: float = 1e-5
+    scale_atol: bool = True  # atol in units of max(1, max |ref|) per output
 
     def __str__(self) -> str:
-        return f"rtol {self.rtol:g}, atol {self.atol:g}"
+        return f"rtol {self.rtol:g}, atol {self.atol:g}" + (
+            " x max(1, max|ref|)" if self.scale_atol else "")
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class ErrorMetrics:
     """Error of `got` against `ref`, worst over all outputs."""
 
     max_abs: float
-    max_excess: float  # max of |got - ref| - (atol + rtol |ref|): > 0 means not allclose
+    max_excess: float  # max of |got - ref| - (atol*scale + rtol|ref|): > 0 = not close
     rel_l2: float
     cosine: float
     sqnr_db: float
@@ -79,8 +85,9 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
     for _, a, b in _pairs(ref, got):
         d = np.abs(b - a)
         if d.size:
+            scale = max(1.0, float(np.abs(a).max())) if tol.scale_atol else 1.0
             max_abs = max(max_abs, float(d.max()))
-            excess = max(excess, float((d - (tol.atol + tol.rtol * np.abs(a))).max()))
+            excess = max(excess, float((d - (tol.atol * scale + tol.rtol * np.abs(a))).max()))
         err2 += float(np.sum((b - a) ** 2))
         ref2 += float(np.sum(a * a))
         got2 += float(np.sum(b * b))

@@ -137,7 +137,7 @@ class _Folder:
         shape = self.shapes.get(value)
         return None if shape is None else len(shape)
 
-    # --- backward: into the producer ---------------------------------------------------------------
+    # --- backward: into the producer -----------------------------------------------------------
     def backward(self, bn: Node) -> None:
         s, t = self._affine(bn)
         prod, consumer = self.view.producer(bn.inputs[0]), bn
@@ -205,7 +205,7 @@ class _Folder:
         for prod, sl in parts:
             self._absorb_output(prod, s[sl], t[sl])
 
-    # --- forward: into the consumer ----------------------------------------------------------------
+    # --- forward: into the consumer ------------------------------------------------------------
     def forward(self, bn: Node) -> None:
         s, t = self._affine(bn)
         users = self.view.users(bn.output)

@@ -124,7 +124,7 @@ def test_verification_catches_a_wrong_lossless_pass(frontend, tmp_path):
     with pytest.raises(graphslim.VerificationError) as exc:
         graphslim.optimize(model, [FoldBatchNorm(), _BreakWeights()])
     assert exc.value.pass_name == "test-break-weights"
-    assert "rtol 0.0001, atol 1e-05" in str(exc.value)
+    assert "rtol 0.0001, atol 1e-05" in str(exc.value) and exc.value.metric.startswith("max")
     # the same broken pass goes through with verification off: the check is what caught it
     graphslim.optimize(model, [_BreakWeights()], verify="off")
     with pytest.raises(graphslim.VerificationError):
@@ -184,3 +184,13 @@ def test_onnx_only_use_does_not_import_torch(tmp_path):
     code = ("import sys, graphslim, passes; from graphslim.analyses.cost import Cost; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_tolerance_scales_atol_with_output_magnitude():
+    from graphslim.verify import compare, is_close
+    ref = {"y": np.array([60.0, 0.0], np.float32)}
+    near_zero_err = {"y": np.array([60.0, 3e-5], np.float32)}
+    assert is_close(compare(ref, near_zero_err, graphslim.Tolerance()))  # 3e-5 <= 1e-5 * 60
+    assert not is_close(compare(ref, near_zero_err, graphslim.Tolerance(scale_atol=False)))
+    small = {"y": np.array([1.0, 0.0], np.float32)}
+    assert not is_close(compare(small, {"y": np.array([1.0, 3e-5], np.float32)}))

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import graphslim
-from tests.conftest import (FP32, assert_matches_torch, count_ops, make_model, randomize_bn)
+from tests.conftest import FP32, assert_matches_torch, count_ops, make_model, randomize_bn
 
 
 class Concat(nn.Module):
@@ -208,7 +208,7 @@ def test_unknown_op_left_unchanged_and_reported(frontend, tmp_path):
     assert "cumsum" in result.report.skipped()[0].reason.lower()
 
 
-# --- ONNX-only forms: MatMul with a constant weight, Gemm with transB=0 ----------------------------
+# --- ONNX-only forms: MatMul with a constant weight, Gemm with transB=0 ------------------------
 
 def _bn_graph(tmp_path, producer="MatMul", training=False, trans_b=0):
     rng = np.random.default_rng(0)

@@ -11,8 +11,14 @@ import torchvision
 import graphslim
 from graphslim.runtime import make_session
 from tests.assets import PPOCR_CLS, text_line_crops
-from tests.conftest import FP32, assert_matches_torch, count_ops, make_model, package_file, \
-    randomize_bn
+from tests.conftest import (
+    FP32,
+    assert_matches_torch,
+    count_ops,
+    make_model,
+    package_file,
+    randomize_bn,
+)
 
 # model -> BatchNorms that legitimately stay: densenet's pre-activation BNs sit on a concat whose
 # inputs feed other concats too, and are followed by ReLU.

@@ -37,7 +37,8 @@ def _run(args) -> int:
     feeds = make_inputs(base.input_specs(), args.seed)
     sessions = [make_session(m._model_ref(), args.provider, args.opt_level, args.threads)
                 for m in (base, cand)]
-    outs = [dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds))) for s in sessions]
+    outs = [dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+            for s in sessions]
     metrics = compare_outputs(outs[0], outs[1])
     la, lb = compare(*(session_runner(s, feeds) for s in sessions), repeats=args.repeats)
     first = next(iter(outs[0]))

@@ -12,8 +12,14 @@ import sys
 
 import graphslim
 from graphslim.report import PrintIRAfter, format_rows
-from tools._common import (EXIT_OK, EXIT_USAGE, add_input_shape_arg, load_model, run_tool,
-                           setup_logging)
+from tools._common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_input_shape_arg,
+    load_model,
+    run_tool,
+    setup_logging,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,1 +1,2 @@
-"""Frontends: each maps one model format onto the shared GraphView and applies the edit vocabulary."""
+"""Frontends: each maps one model format onto the shared GraphView and applies the edit
+vocabulary."""

@@ -39,7 +39,8 @@ _MODULE_KINDS: list[tuple[type, OpKind]] = [
     (nn.LayerNorm, OpKind.LAYERNORM), (nn.GroupNorm, OpKind.GROUPNORM),
     (nn.modules.instancenorm._InstanceNorm, OpKind.INSTANCENORM),
     (nn.MultiheadAttention, OpKind.ATTENTION),
-    (nn.modules.pooling._AvgPoolNd, OpKind.POOL_AVG), (nn.modules.pooling._MaxPoolNd, OpKind.POOL_MAX),
+    (nn.modules.pooling._AvgPoolNd, OpKind.POOL_AVG),
+    (nn.modules.pooling._MaxPoolNd, OpKind.POOL_MAX),
     (nn.modules.pooling._AdaptiveAvgPoolNd, OpKind.POOL_AVG),
     (nn.modules.pooling._AdaptiveMaxPoolNd, OpKind.POOL_MAX),
     (nn.Flatten, OpKind.FLATTEN), (nn.Softmax, OpKind.SOFTMAX),
@@ -220,7 +221,7 @@ class FxGraph(Frontend):
                 outputs.extend(_output_names(n))
                 continue
             kind, attrs, params = self._classify(n)
-            for role, (key, tensor) in params.items():
+            for _role, (key, tensor) in params.items():
                 tensors[key] = tensor
                 users_by_id.setdefault(id(tensor), []).append(n.name)
                 keys_by_id.setdefault(id(tensor), []).append(key)
@@ -269,7 +270,8 @@ class FxGraph(Frontend):
             if e.node not in nodes:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
             n = nodes[e.node]
-            calls = [m for m in self.gm.graph.nodes if m.op == "call_module" and m.target == n.target]
+            calls = [m for m in self.gm.graph.nodes
+                     if m.op == "call_module" and m.target == n.target]
             if n.op != "call_module" or len(calls) != 1:
                 raise ValueError(f"node '{e.node}' is not a module called exactly once; the fx "
                                  "frontend edits modules")

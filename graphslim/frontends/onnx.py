@@ -75,7 +75,8 @@ def load(src: str | os.PathLike | onnx.ModelProto,
          input_shapes: Mapping[str, Sequence[int]] | None = None) -> OnnxGraph:
     """Read an ONNX model (path or ModelProto) into an editable graph.
 
-    `input_shapes` fixes dynamic input dims for analysis and verification, e.g. {"x": (1,3,224,224)}.
+    `input_shapes` fixes dynamic input dims for analysis and verification, e.g.
+    {"x": (1, 3, 224, 224)}.
     """
     if isinstance(src, onnx.ModelProto):
         model = src
@@ -90,17 +91,19 @@ def load(src: str | os.PathLike | onnx.ModelProto,
                              f"({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise InputError("model has an empty graph (not an ONNX model, or truncated)")
-    try:
-        onnx.checker.check_model(model) if model.ByteSize() < _LARGE_BYTES else None
-    except onnx.checker.ValidationError as exc:
+    try:  # from the file where there is one: no re-serialization, and >2 GB models work
+        onnx.checker.check_model(model if isinstance(src, onnx.ModelProto) else os.fspath(src))
+    except (onnx.checker.ValidationError, ValueError) as exc:
         raise InputError(f"model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
         raise InputError(f"onnx-graphsurgeon cannot import the model: {exc}") from None
     template = onnx.ModelProto()
-    template.CopyFrom(model) if model.ByteSize() < _LARGE_BYTES else None
-    template.ClearField("graph")
+    for fld in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
+                "doc_string"):
+        setattr(template, fld, getattr(model, fld))
+    template.metadata_props.extend(model.metadata_props)
     return OnnxGraph(graph, template, input_shapes or {}, normalize=True)
 
 
@@ -347,32 +350,31 @@ class OnnxGraph(Frontend):
         return self.nbytes() > _LARGE_BYTES
 
     def save(self, path: str) -> None:
-        model = self.to_proto()
         if self.is_large():
-            onnx.save_model(model, path, save_as_external_data=True,
+            onnx.save_model(self.to_proto(), path, save_as_external_data=True,
                             all_tensors_to_one_file=True,
                             location=os.path.basename(path) + ".data")
         else:
-            onnx.save_model(model, path)
+            with open(path, "wb") as f:
+                f.write(self._model_ref())
 
     to_onnx = save
 
     def _model_ref(self) -> str | bytes:
-        """Serialized bytes, or for >2 GB models a path to a temporary copy with external data."""
-        if not self.is_large():
-            return self.to_proto().SerializeToString()
-        if "path" not in self._cache:
-            tmp = tempfile.mkdtemp(prefix="graphslim_")
-            path = os.path.join(tmp, "model.onnx")
-            self.save(path)
-            self._cache["path"] = path
-        return self._cache["path"]
+        """Serialized bytes (cached: serializing is the dominant cost on big models), or for
+        >2 GB models a path to a temporary copy with external data."""
+        if "ref" not in self._cache:
+            if not self.is_large():
+                self._cache["ref"] = self.to_proto().SerializeToString()
+            else:
+                path = os.path.join(tempfile.mkdtemp(prefix="graphslim_"), "model.onnx")
+                self.save(path)
+                self._cache["ref"] = path
+        return self._cache["ref"]
 
     def check(self) -> None:
-        ref = self._model_ref()
         try:
-            onnx.checker.check_model(ref if isinstance(ref, str) else self.to_proto(),
-                                     full_check=True)
+            onnx.checker.check_model(self._model_ref(), full_check=True)
         except Exception as exc:
             raise StructureError(f"onnx.checker: {str(exc).strip().splitlines()[0]}") from None
         self._session()
@@ -410,12 +412,7 @@ class OnnxGraph(Frontend):
         return dict(zip(names, sess.run(names, feeds)))
 
     def infer_shapes(self) -> dict[str, tuple]:
-        model = onnx.ModelProto()
-        model.CopyFrom(self.to_proto())
-        for inp, spec in zip(model.graph.input, self.input_specs()):
-            del inp.type.tensor_type.shape.dim[:]
-            for d in spec.shape:
-                inp.type.tensor_type.shape.dim.add().dim_value = d
+        model = self._light_proto()
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         shapes: dict[str, tuple] = {}
         for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
@@ -429,17 +426,31 @@ class OnnxGraph(Frontend):
         unknown = [v for n in self.graph.nodes for v in (o.name for o in n.outputs)
                    if v and not _concrete(shapes.get(v))]
         if unknown:
-            shapes.update(self._measure_shapes(model, unknown))
+            shapes.update(self._measure_shapes(unknown))
         return shapes
 
-    def _measure_shapes(self, model: onnx.ModelProto, names: list[str]) -> dict[str, tuple]:
+    def _light_proto(self) -> onnx.ModelProto:
+        """The model with concrete input shapes and its big float weights turned into typed graph
+        inputs: shape inference needs their shapes, not their bytes (serializing the weights
+        dominated its cost). Small and integer constants stay: data propagation reads them."""
+        full = self.to_proto()
+        model = onnx.ModelProto()
+        model.CopyFrom(full) if full.graph.ByteSize() < (1 << 20) else _copy_without_graph(
+            full, model)
+        for inp, spec in zip(model.graph.input, self.input_specs()):
+            del inp.type.tensor_type.shape.dim[:]
+            for d in spec.shape:
+                inp.type.tensor_type.shape.dim.add().dim_value = d
+        return model
+
+    def _measure_shapes(self, names: list[str]) -> dict[str, tuple]:
         """Shapes ONNX shape inference could not derive (data-dependent reshapes, custom ops),
         read off one ORT run on the seeded inputs with those values exposed as outputs."""
         from graphslim.runtime import make_session
         from graphslim.verify import make_inputs
 
         probe = onnx.ModelProto()
-        probe.CopyFrom(model)
+        probe.CopyFrom(self.to_proto())
         known = {o.name for o in probe.graph.output}
         names = [v for v in names if v not in known]
         probe.graph.output.extend(onnx.ValueInfoProto(name=v) for v in names)
@@ -451,6 +462,28 @@ class OnnxGraph(Frontend):
             return {}
         log.info("%d shapes measured with ORT where shape inference had none", len(names))
         return {v: tuple(int(d) for d in np.shape(a)) for v, a in zip(names, values)}
+
+
+def _copy_without_graph(full: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Copy `full` into `model`, big float initializers becoming graph inputs of the same type."""
+    graph = onnx.GraphProto()
+    graph.node.extend(full.graph.node)
+    graph.input.extend(full.graph.input)
+    graph.output.extend(full.graph.output)
+    for init in full.graph.initializer:
+        size = int(np.prod(init.dims)) if init.dims else 1
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                              onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16) and size > 64:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
+                                                                  list(init.dims)))
+        else:
+            graph.initializer.append(init)
+    for fld in ("ir_version", "producer_name", "domain", "model_version"):
+        setattr(model, fld, getattr(full, fld))
+    model.opset_import.extend(full.opset_import)
+    model.functions.extend(full.functions)
+    model.graph.CopyFrom(graph)
+    model.ir_version = max(model.ir_version, 4)
 
 
 def _concrete(shape) -> bool:

