@@ -350,8 +350,10 @@ class OnnxGraph(Frontend):
         return self.nbytes() > _LARGE_BYTES
 
     def save(self, path: str) -> None:
-        if self.is_large():
-            onnx.save_model(self.to_proto(), path, save_as_external_data=True,
+        if self.is_large():  # save_model moves tensors out of the proto: give it a copy
+            model = onnx.ModelProto()
+            model.CopyFrom(self.to_proto())
+            onnx.save_model(model, path, save_as_external_data=True,
                             all_tensors_to_one_file=True,
                             location=os.path.basename(path) + ".data")
         else:
