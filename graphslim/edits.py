@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphslim.ir import OpKind
+
 
 @dataclass(frozen=True, eq=False)
 class SetParam:
@@ -31,4 +33,33 @@ class Bypass:
     node: str
 
 
-Edit = SetParam | Bypass
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """A new CONV or LINEAR layer for ReplaceWithChain, weights in canonical layout.
+
+    `strides`, `pads` (ONNX order: all begins, then all ends) and `dilations` default to 1, 0, 1.
+    """
+
+    kind: OpKind
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    groups: int = 1
+    strides: tuple[int, ...] | None = None
+    pads: tuple[int, ...] | None = None
+    dilations: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.kind not in (OpKind.CONV, OpKind.LINEAR):
+            raise ValueError(f"a chain layer is CONV or LINEAR, not {self.kind}")
+
+
+@dataclass(frozen=True, eq=False)
+class ReplaceWithChain:
+    """Replace a CONV or LINEAR node by layers applied in sequence (same input, same output
+    value, no nonlinearity between): low-rank factorizations and conv substitutions."""
+
+    node: str
+    layers: tuple[Layer, ...]
+
+
+Edit = SetParam | Bypass | ReplaceWithChain

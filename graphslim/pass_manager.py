@@ -45,6 +45,7 @@ class Plan:
     skipped: list[Skip] = field(default_factory=list)
     stats: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    details: list[dict] = field(default_factory=list)
 
     def skip(self, node: str, reason: str) -> None:
         self.skipped.append(Skip(node, reason))
@@ -194,7 +195,8 @@ class PassManager:
             state.am.invalidate(p.preserves)
         seconds = time.perf_counter() - t0
         record = PassRecord(str(p), p.name, p.lossless, seconds, len(plan.edits), changed,
-                            list(plan.skipped), dict(plan.stats), list(plan.notes))
+                            list(plan.skipped), dict(plan.stats), list(plan.notes),
+                            details=list(plan.details))
         if changed and self.verify == "each":
             self._verify(p, state, record)
         record.after = _snapshot(state.model, state.am)

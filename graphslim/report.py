@@ -33,6 +33,7 @@ class PassRecord:
     skipped: list
     stats: dict
     notes: list
+    details: list = field(default_factory=list)
     after: Snapshot | None = None
     error_prev: ErrorMetrics | None = None
     error_orig: ErrorMetrics | None = None
@@ -43,7 +44,8 @@ class PassRecord:
             "pass": self.text, "lossless": self.lossless, "seconds": round(self.seconds, 4),
             "edits": self.edits, "nodes_changed": self.nodes_changed,
             "skipped": [{"node": s.node, "reason": s.reason} for s in self.skipped],
-            "stats": self.stats, "notes": self.notes, "verified": self.verified,
+            "stats": self.stats, "notes": self.notes, "details": self.details,
+            "verified": self.verified,
             "after": self.after.as_dict() if self.after else None,
             "error_vs_previous": self.error_prev.as_dict() if self.error_prev else None,
             "error_vs_original": self.error_orig.as_dict() if self.error_orig else None,

@@ -1,5 +1,6 @@
 """The rewrite passes. Importing this package registers every pass by its textual name."""
 
+from passes.factorize import FactorizeLowRank
 from passes.fold_bn import FoldBatchNorm
 
-__all__ = ["FoldBatchNorm"]
+__all__ = ["FactorizeLowRank", "FoldBatchNorm"]

@@ -16,7 +16,9 @@ Algorithm (per BatchNormalization node, BN(x) = s * x + t per channel, see passe
 Invariants: outputs unchanged (verified at fp32 rtol 1e-4 / atol 1e-5 by the pass manager); every
 tensor written belongs only to the layer that absorbs the BN. Never folds: a BN in training mode
 (batch statistics), a BN after a nonlinearity, a producer whose output has other users, a weight
-shared with other layers (unless copy-shared=true, which writes a private copy and says so).
+shared with other layers (unless copy-shared=true, which writes a private copy and says so). A
+shared *bias* always gets a private copy (noted): it is small, and exporters merge equal constants
+such as torchvision's all-zero conv biases into one initializer.
 Several BNs folding into one layer (before and after it) compose in one plan.
 Preserves no analysis (node set changes).
 """
@@ -119,7 +121,9 @@ class _Folder:
                 continue
             if self._module_calls(node, role) > 1:
                 raise _NoFold(f"the module of '{node.name}' is called at several sites")
-            if not self.copy_shared:
+            # A shared bias is small, and exporters merge equal constants (torchvision's zero
+            # conv biases become one initializer): a private copy is always made for it.
+            if not self.copy_shared and role == "weight":
                 raise _NoFold(f"{role} of '{node.name}' is shared with {len(users) - 1} other "
                               "node(s) (copy-shared=true folds into a private copy)")
             self.plan.notes.append(f"'{node.name}' got a private copy of its shared {role}")

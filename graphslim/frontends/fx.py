@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphslim.edits import Bypass, Edit, SetParam
+from graphslim.edits import Bypass, Edit, Layer, ReplaceWithChain, SetParam
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends.base import Frontend, TensorSpec
 from graphslim.ir import GraphView, Node, OpKind
@@ -266,6 +266,7 @@ class FxGraph(Frontend):
         nodes = {n.name: n for n in self.gm.graph.nodes}
         kinds = {n.name: n for n in self.view().nodes()}
         touched: set[str] = set()
+        retrace = False
         for e in edits:
             if e.node not in nodes:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
@@ -279,15 +280,33 @@ class FxGraph(Frontend):
                 self._set_param(n, kinds[e.node], e.role, e.value)
             elif isinstance(e, Bypass):
                 self._bypass(n)
+            elif isinstance(e, ReplaceWithChain):
+                self._replace_with_chain(n, e.layers)
+                retrace = True
             else:
                 raise TypeError(f"the fx frontend cannot apply {type(e).__name__}")
             touched.add(e.node)
         if edits:
             self.gm.graph.lint()
             self.gm.recompile()
+            if retrace:  # swapped-in Sequentials are traced through, so the view sees the chain
+                self.gm = _trace(self.module, set(self.gm.meta["graphslim_leaves"]))
             self._version += 1
             self._cache.clear()
         return len(touched)
+
+    def _replace_with_chain(self, n: fx.Node, layers: Sequence[Layer]) -> None:
+        old = self.gm.get_submodule(n.target)
+        if not isinstance(old, (nn.Linear, nn.modules.conv._ConvNd)) or \
+                isinstance(old, nn.modules.conv._ConvTransposeNd):
+            raise ValueError(f"node '{n.name}' ({type(old).__name__}) cannot be replaced by a "
+                             "layer chain")
+        ref = old.weight
+        chain = nn.Sequential(*(_make_layer(layer, old) for layer in layers)).to(
+            dtype=ref.dtype, device=ref.device)
+        chain.requires_grad_(ref.requires_grad)
+        _set_submodule(self.module, n.target, chain)
+        _set_submodule(self.gm, n.target, chain)
 
     def _set_param(self, n: fx.Node, node: Node, role: str, value: np.ndarray) -> None:
         mod = self.gm.get_submodule(n.target)
@@ -381,6 +400,31 @@ def _function_attrs(n: fx.Node, kind: OpKind) -> dict:
     if kind is OpKind.MATMUL and isinstance(n.args[0], str):
         return {"equation": n.args[0]}
     return {}
+
+
+def _make_layer(layer: Layer, like: nn.Module) -> nn.Module:
+    """An nn.Conv*/nn.Linear holding `layer`'s weights (padding mode inherited from `like`)."""
+    w = torch.as_tensor(np.ascontiguousarray(layer.weight), dtype=torch.float32)
+    b = None if layer.bias is None else torch.as_tensor(np.ascontiguousarray(layer.bias),
+                                                        dtype=torch.float32)
+    if layer.kind is OpKind.LINEAR:
+        mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    else:
+        nd = w.ndim - 2
+        pads = tuple(layer.pads or (0,) * 2 * nd)
+        if pads[:nd] != pads[nd:]:
+            raise ValueError(f"asymmetric padding {pads} cannot be expressed by nn.Conv{nd}d")
+        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
+        mode = getattr(like, "padding_mode", "zeros") if any(pads) else "zeros"
+        mod = cls(w.shape[1] * layer.groups, w.shape[0], tuple(w.shape[2:]),
+                  stride=tuple(layer.strides or (1,) * nd), padding=pads[:nd],
+                  dilation=tuple(layer.dilations or (1,) * nd), groups=layer.groups,
+                  bias=b is not None, padding_mode=mode)
+    with torch.no_grad():
+        mod.weight.copy_(w)
+        if b is not None:
+            mod.bias.copy_(b)
+    return mod
 
 
 def _get_attr(root: nn.Module, target: str):

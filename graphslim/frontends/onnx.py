@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphslim.edits import Bypass, Edit, SetParam
+from graphslim.edits import Bypass, Edit, Layer, ReplaceWithChain, SetParam
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends.base import Frontend, TensorSpec
 from graphslim.ir import GraphView, Node, OpKind
@@ -252,6 +252,8 @@ class OnnxGraph(Frontend):
                 self._set_param(by_name[e.node], kinds[e.node], e.role, e.value)
             elif isinstance(e, Bypass):
                 self._bypass(by_name[e.node])
+            elif isinstance(e, ReplaceWithChain):
+                self._replace_with_chain(by_name[e.node], kinds[e.node], e.layers)
             else:
                 raise TypeError(f"the ONNX frontend cannot apply {type(e).__name__}")
             touched.add(e.node)
@@ -297,6 +299,49 @@ class OnnxGraph(Frontend):
             g.inputs[slot] = const
         else:
             g.inputs.append(const)
+
+    def _replace_with_chain(self, g: gs.Node, node: Node, layers: Sequence[Layer]) -> None:
+        if node.kind not in (OpKind.CONV, OpKind.LINEAR) or not layers:
+            raise ValueError(f"node '{g.name}' ({g.op}) cannot be replaced by a layer chain")
+        dtype = np.asarray(g.inputs[1].values).dtype
+        src, dst = g.inputs[0], g.outputs[0]
+        new_nodes = []
+        for i, layer in enumerate(layers):
+            out = dst if i == len(layers) - 1 else gs.Variable(
+                self._fresh(f"{dst.name}_lr{i}"), dtype=dst.dtype)
+            name = self._fresh(f"{g.name}_lr{i}")
+            new_nodes.extend(self._layer_nodes(g.op, name, layer, src, out, dtype))
+            src = out
+        g.inputs.clear()
+        g.outputs.clear()
+        self.graph.nodes.extend(new_nodes)
+
+    def _layer_nodes(self, op: str, name: str, layer: Layer, src, out, dtype) -> list[gs.Node]:
+        def const(role, arr):
+            return gs.Constant(self._fresh(f"{name}.{role}"), np.ascontiguousarray(
+                np.asarray(arr).astype(dtype)))
+
+        if layer.kind is OpKind.CONV:
+            nd = layer.weight.ndim - 2
+            attrs = {"group": layer.groups, "kernel_shape": list(layer.weight.shape[2:]),
+                     "strides": list(layer.strides or [1] * nd),
+                     "pads": list(layer.pads or [0] * 2 * nd),
+                     "dilations": list(layer.dilations or [1] * nd)}
+            inputs = [src, const("weight", layer.weight)]
+            if layer.bias is not None:
+                inputs.append(const("bias", layer.bias))
+            return [gs.Node("Conv", name, attrs, inputs, [out])]
+        if op == "Gemm":
+            inputs = [src, const("weight", layer.weight)]
+            if layer.bias is not None:
+                inputs.append(const("bias", layer.bias))
+            return [gs.Node("Gemm", name, {"transB": 1}, inputs, [out])]
+        if layer.bias is None:  # MatMul: x @ W with W stored (in, out)
+            return [gs.Node("MatMul", name, {}, [src, const("weight", layer.weight.T)], [out])]
+        mid = gs.Variable(self._fresh(f"{out.name}_nobias"), dtype=out.dtype)
+        return [gs.Node("MatMul", name, {}, [src, const("weight", layer.weight.T)], [mid]),
+                gs.Node("Add", self._fresh(f"{name}_bias"), {}, [mid, const("bias", layer.bias)],
+                        [out])]
 
     def _add_bias_after(self, g: gs.Node, bias: np.ndarray) -> None:
         out = g.outputs[0]
