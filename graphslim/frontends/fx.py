@@ -51,6 +51,7 @@ _MODULE_KINDS: list[tuple[type, OpKind]] = [
     (nn.Tanh, OpKind.ACTIVATION), (nn.LeakyReLU, OpKind.ACTIVATION), (nn.ELU, OpKind.ACTIVATION),
     (nn.Mish, OpKind.ACTIVATION), (nn.PReLU, OpKind.ACTIVATION), (nn.Hardtanh, OpKind.ACTIVATION),
 ]
+_LEAF_TYPES = tuple(t for t, _ in _MODULE_KINDS)
 _FUNCTION_KINDS = {
     "add": OpKind.ADD, "iadd": OpKind.ADD, "sub": OpKind.SUB, "mul": OpKind.MUL,
     "imul": OpKind.MUL, "truediv": OpKind.DIV, "div": OpKind.DIV, "cat": OpKind.CONCAT,
@@ -83,7 +84,12 @@ class _LeafTracer(fx.Tracer):
         self.failed: str | None = None
 
     def is_leaf_module(self, m, qualname):
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        """Leaves: user-given and failed modules, the module types graphslim models, and torch.nn
+        modules without children. torch.nn containers (TransformerEncoderLayer, ...) are traced
+        into, so the layers inside them are visible to passes."""
+        if qualname in self.leaves or isinstance(m, _LEAF_TYPES):
+            return True
+        return super().is_leaf_module(m, qualname) and not any(True for _ in m.children())
 
     def call_module(self, m, forward, args, kwargs):
         qual = self.path_of_module(m)

@@ -170,15 +170,23 @@ class OnnxGraph(Frontend):
                         user.inputs[j] = const
             node.outputs.clear()
             lifted += 1
-        for node in self.graph.nodes:  # Identity(initializer): exporters emit these for dedup
-            if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant) \
-                    and id(node.outputs[0]) not in outputs:
-                _replace_uses(node.outputs[0], node.inputs[0])
-                node.outputs.clear()
-                lifted += 1
+        for node in self.graph.nodes:
+            # Identity(initializer): exporters emit these for deduplicated tensors.
+            # Transpose(initializer): weights of Linear layers exported without constant folding.
+            if node.op not in ("Identity", "Transpose") or not node.inputs or \
+                    not isinstance(node.inputs[0], gs.Constant) or id(node.outputs[0]) in outputs:
+                continue
+            const = node.inputs[0]
+            if node.op == "Transpose":
+                perm = node.attrs.get("perm")
+                const = gs.Constant(node.outputs[0].name,
+                                    np.ascontiguousarray(np.transpose(const.values, perm)))
+            _replace_uses(node.outputs[0], const)
+            node.outputs.clear()
+            lifted += 1
         if lifted:
-            self.load_notes.append(f"{lifted} Constant / Identity(initializer) nodes read as "
-                                   "initializers")
+            self.load_notes.append(f"{lifted} Constant / Identity / Transpose nodes of constants "
+                                   "read as initializers")
         for t in self.graph.tensors().values():
             if isinstance(t, gs.Variable) and t not in self.graph.inputs \
                     and t not in self.graph.outputs:
