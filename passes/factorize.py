@@ -5,12 +5,19 @@ weight and 1x1 convs, `tucker2` and `cp` for KxK convs, `spatial-svd` (KxK -> Kx
 `auto`, which picks per layer the applicable method with the lowest weight error per saved MAC.
 
 Rank selection, first that applies: `target-macs` (whole-model MACs as a fraction of the
-original; each layer gets the option minimising weight error + lambda x MACs, lambda bisected to
-meet the budget), `vbmf` (empirical VBMF on the unfoldings, Kim et al. 2016), `energy` (keep
-this fraction of the squared singular values), `rank` (a fraction of the full rank if <= 1, else
-absolute). Ranks are rounded up to a multiple of `round-to`. A layer is factorized only where the
-chain costs at most (1 - min-saving) of its MACs by the cost model (`force` overrides, for
-full-rank checks); otherwise it is left with the reason.
+original; each layer gets the option minimising weight error - lambda x saved MACs, lambda
+bisected to meet the budget), `vbmf` (empirical VBMF on the unfoldings, Kim et al. 2016),
+`energy` (keep this share of the squared singular values), `rank` (a fraction of the full rank
+if <= 1, else absolute).
+
+`data-aware=true` (SVD of linear / 1x1 layers): the decomposition minimises the layer's output
+error on the user's data (`data=`; synthetic inputs otherwise, noted) by whitening with the
+input second moment (activation statistics analysis), as ASVD / SVD-LLM do for transformers;
+the reported error is then the relative output error on that data.
+
+Ranks are rounded up to a multiple of `round-to`. A layer is factorized only where the chain
+costs at most (1 - min-saving) of its MACs by the cost model (`force` overrides, for full-rank
+checks); otherwise it is left with the reason.
 
 Lossy: the pass manager reports the output error; each factorized layer's method, ranks, MACs
 before/after and relative weight error are in the plan's details. Grouped and depthwise convs are
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphslim.analyses import Shapes
+from graphslim.analyses.activations import LayerInputGram
 from graphslim.analyses.cost import Cost
 from graphslim.edits import Layer, ReplaceWithChain
 from graphslim.ir import GraphView, Node, OpKind
@@ -51,6 +59,7 @@ class _Option:
     layers: tuple
     macs: int
     error: float
+    error_kind: str = "weight_rel_error"
 
 
 @register_pass
@@ -69,6 +78,7 @@ class FactorizeLowRank(Pass):
     layers: str = "all"
     exclude: tuple[str, ...] = ()
     hooi_iters: int = 0
+    data_aware: bool = False
     force: bool = False
 
     def __post_init__(self):
@@ -91,6 +101,10 @@ class FactorizeLowRank(Pass):
     def plan(self, view: GraphView, analyses) -> Plan:
         shapes = analyses.get(Shapes)
         plan = Plan()
+        grams = analyses.get(LayerInputGram) if self.data_aware else {}
+        if any(g.synthetic for g in grams.values()):
+            plan.notes.append("data-aware SVD used synthetic inputs: pass data= for real ones")
+        cache: dict = {"grams": grams}  # plan-local: decompositions and statistics
         sites = []
         for node in view.nodes():
             if node.kind not in (OpKind.CONV, OpKind.LINEAR) or not self._wanted(node):
@@ -104,16 +118,16 @@ class FactorizeLowRank(Pass):
                                     for n in view.nodes()):
             plan.notes.append(f"exclude patterns {list(self.exclude)} matched no node")
         if self.target_macs:
-            chosen = self._budget(sites, plan, analyses.get(Cost).macs)
+            chosen = self._budget(sites, plan, analyses.get(Cost).macs, cache)
         else:
-            chosen = self._each(sites, plan)
+            chosen = self._each(sites, plan, cache)
         for site, opt in chosen:
             plan.edits.append(ReplaceWithChain(site.node.name, opt.layers))
             plan.stats[f"factorized_{opt.method}"] += 1
             plan.stats["macs_saved"] += site.macs - opt.macs
             plan.details.append({"node": site.node.name, "method": opt.method,
                                  "ranks": list(opt.ranks), "macs_before": site.macs,
-                                 "macs_after": opt.macs, "weight_rel_error": round(opt.error, 6)})
+                                 "macs_after": opt.macs, opt.error_kind: round(opt.error, 6)})
         return plan
 
     def _wanted(self, node: Node) -> bool:
@@ -133,8 +147,8 @@ class FactorizeLowRank(Pass):
         return [m for m in ("svd", "tucker2", "spatial-svd") if allowed[m]] or \
             "no factorization applies to this layer"
 
-    def _each(self, sites: list[_Site], plan: Plan) -> list:
-        chosen, cache = [], {}
+    def _each(self, sites: list[_Site], plan: Plan, cache: dict) -> list:
+        chosen = []
         for site in sites:
             methods = self._methods(site)
             if isinstance(methods, str):
@@ -150,10 +164,10 @@ class FactorizeLowRank(Pass):
             chosen.append((site, best))
         return chosen
 
-    def _budget(self, sites: list[_Site], plan: Plan, model_macs: int) -> list:
+    def _budget(self, sites: list[_Site], plan: Plan, model_macs: int, cache: dict) -> list:
         """Per layer, the option (or none) minimising weight error - lam x saved MACs; lam is
         bisected (log scale) to the smallest value whose picks save what the target needs."""
-        per_site, cache = [], {}
+        per_site = []
         for site in sites:
             methods = self._methods(site)
             if isinstance(methods, str):
@@ -188,15 +202,19 @@ class FactorizeLowRank(Pass):
         if method in ("svd", "spatial-svd"):
             if key not in cache:
                 mat = w.reshape(w.shape[0], -1) if method == "svd" else lr.spatial_matrix(w)
-                cache[key] = lr.SVDBasis(mat)
+                gram = cache["grams"].get(site.node.name) if method == "svd" else None
+                cache[key] = lr.WhitenedSVDBasis(mat, gram.matrix, gram.rows) if gram else \
+                    lr.SVDBasis(mat)
             basis = cache[key]
             full = min(basis.u.shape[0], basis.vt.shape[1])
             r = self._select(basis.s, basis, full, fraction)
             a, bb = basis.factors(r)
             layers = (_pointwise_chain(site, bb, a, b) if method == "svd" else
                       _spatial_chain(site, *lr.spatial_layers(a, bb, w.shape), b))
+            kind = "output_rel_error" if isinstance(basis, lr.WhitenedSVDBasis) else \
+                "weight_rel_error"
             return _Option(method, (r,), layers, _chain_macs(layers, site.in_shape),
-                           basis.error(r))
+                           basis.error(r), kind)
         if method == "tucker2":
             if key not in cache:
                 cache[key] = lr.Tucker2Basis(w)

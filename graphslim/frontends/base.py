@@ -48,6 +48,10 @@ class Frontend(abc.ABC):
         """Execute on numpy inputs; outputs keyed by output name, in output order."""
 
     @abc.abstractmethod
+    def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:
+        """Run once and return the named intermediate values (activation statistics)."""
+
+    @abc.abstractmethod
     def infer_shapes(self) -> dict[str, tuple]:
         """Value name -> shape (ints; None where unknown) for the concrete input shapes."""
 

@@ -350,6 +350,21 @@ class FxGraph(Frontend):
         outs = self._forward(self.module, feeds)
         return {f"output{i}": t.detach().cpu().numpy() for i, t in enumerate(outs)}
 
+    def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:
+        wanted, got = set(values), {}
+
+        class _Recorder(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.name in wanted and isinstance(out, torch.Tensor):
+                    got[n.name] = out.detach().cpu().numpy()
+                return out
+
+        args = [torch.as_tensor(feeds[s.name]) for s in self.input_specs()]
+        with torch.no_grad(), _eval_mode(self.module):
+            _Recorder(self.gm).run(*args)
+        return got
+
     def check(self) -> None:
         try:
             self.gm.graph.lint()

@@ -498,25 +498,33 @@ class OnnxGraph(Frontend):
                 inp.type.tensor_type.shape.dim.add().dim_value = d
         return model
 
+    def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:
+        """One ORT run with the named values exposed as extra outputs (session cached per set
+        of names until the graph changes)."""
+        from graphslim.runtime import make_session
+
+        key = ("capture", tuple(values))
+        if key not in self._cache:
+            probe = onnx.ModelProto()
+            probe.CopyFrom(self.to_proto())
+            known = {o.name for o in probe.graph.output}
+            probe.graph.output.extend(onnx.ValueInfoProto(name=v) for v in values
+                                      if v not in known)
+            self._cache[key] = make_session(probe.SerializeToString(), opt_level="off")
+        return dict(zip(values, self._cache[key].run(list(values), feeds)))
+
     def _measure_shapes(self, names: list[str]) -> dict[str, tuple]:
         """Shapes ONNX shape inference could not derive (data-dependent reshapes, custom ops),
         read off one ORT run on the seeded inputs with those values exposed as outputs."""
-        from graphslim.runtime import make_session
         from graphslim.verify import make_inputs
 
-        probe = onnx.ModelProto()
-        probe.CopyFrom(self.to_proto())
-        known = {o.name for o in probe.graph.output}
-        names = [v for v in names if v not in known]
-        probe.graph.output.extend(onnx.ValueInfoProto(name=v) for v in names)
         try:
-            sess = make_session(probe.SerializeToString(), opt_level="off")
-            values = sess.run(names, make_inputs(self.input_specs()))
+            got = self.capture(make_inputs(self.input_specs()), names)
         except Exception as exc:  # shapes stay unknown; cost counts those nodes as 0
             log.warning("could not measure %d unknown shapes with ORT: %s", len(names), exc)
             return {}
         log.info("%d shapes measured with ORT where shape inference had none", len(names))
-        return {v: tuple(int(d) for d in np.shape(a)) for v, a in zip(names, values)}
+        return {v: tuple(int(d) for d in np.shape(a)) for v, a in got.items()}
 
 
 def _copy_without_graph(full: onnx.ModelProto, model: onnx.ModelProto) -> None:
