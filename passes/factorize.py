@@ -206,7 +206,7 @@ class FactorizeLowRank(Pass):
                 cache[key] = lr.WhitenedSVDBasis(mat, gram.matrix, gram.rows) if gram else \
                     lr.SVDBasis(mat)
             basis = cache[key]
-            full = min(basis.u.shape[0], basis.vt.shape[1])
+            full = min(basis.m.shape)
             r = self._select(basis.s, basis, full, fraction)
             a, bb = basis.factors(r)
             layers = (_pointwise_chain(site, bb, a, b) if method == "svd" else
@@ -245,7 +245,7 @@ class FactorizeLowRank(Pass):
         if fraction is not None:
             r = fraction * full
         elif self.vbmf:
-            mat = matrix if isinstance(matrix, np.ndarray) else matrix.u * matrix.s @ matrix.vt
+            mat = matrix if isinstance(matrix, np.ndarray) else matrix.m
             r = lr.evbmf_rank(mat)
         elif self.energy:
             r = lr.energy_rank(singular, self.energy)

@@ -29,13 +29,15 @@ from tensorly.tenalg import multi_mode_dot, svd_interface
 _GRAM_ABOVE = 1024
 
 
-def _gram_svd(m: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _gram_svd(m: np.ndarray, rank: int, gram: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from scipy.linalg import eigh
 
     flip = m.shape[0] > m.shape[1]
     a = m.T if flip else m  # a is (small, large)
     n = a.shape[0]
-    s2, u = eigh(a @ a.T, subset_by_index=[n - rank, n - 1], driver="evr")
+    s2, u = eigh(a @ a.T if gram is None else gram, subset_by_index=[n - rank, n - 1],
+                 driver="evr")
     s2, u = s2[::-1], u[:, ::-1]
     s = np.sqrt(np.clip(s2, 0.0, None))
     keep = s > s[0] * 1e-12 if s.size and s[0] > 0 else np.zeros_like(s, bool)
@@ -84,28 +86,6 @@ def relative_error(weight: np.ndarray, approx: np.ndarray) -> float:
     return float(np.linalg.norm(w - approx) / norm) if norm > 0 else 0.0
 
 
-def svd_factors(weight: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first (r, C), second (N, r), reconstruction (N, C)) for W (N, C)."""
-    u, s, vt = svd(weight, rank)
-    root = np.sqrt(s)
-    first, second = root[:, None] * vt, u * root[None, :]
-    return first, second, second @ first
-
-
-def spatial_svd_factors(weight: np.ndarray, rank: int
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(vertical (r, C, kh, 1), horizontal (N, r, 1, kw), reconstruction (N, C, kh, kw))."""
-    n, c, kh, kw = weight.shape
-    m = np.asarray(weight, np.float64).transpose(1, 2, 0, 3).reshape(c * kh, n * kw)
-    u, s, vt = svd(m, rank)
-    root = np.sqrt(s)
-    a, b = u * root[None, :], root[:, None] * vt  # (c*kh, r), (r, n*kw)
-    vertical = a.reshape(c, kh, -1).transpose(2, 0, 1)[..., None]
-    horizontal = b.reshape(-1, n, kw).transpose(1, 0, 2)[:, :, None, :]
-    recon = (a @ b).reshape(c, kh, n, kw).transpose(2, 0, 1, 3)
-    return vertical, horizontal, recon
-
-
 class Tucker2Basis:
     """Full HOSVD bases of a conv weight, computed once; every (r_out, r_in) truncation is then
     a slice, and its error follows from norms: the truncation is an orthogonal projection, so
@@ -128,20 +108,36 @@ class Tucker2Basis:
 
 
 class SVDBasis:
-    """Full SVD of a matrix, computed once; rank-r factors and errors are slices."""
+    """SVD of a matrix for rank selection: all singular values up front (errors and energy are
+    prefix sums), singular vectors only for the ranks asked for. Large or very rectangular
+    matrices keep their smaller Gram matrix, so every rank costs one partial eigendecomposition
+    (VGG16's fc6: ~12 s instead of ~50 s for full vectors)."""
 
     def __init__(self, matrix: np.ndarray):
-        self.u, self.s, self.vt = svd(matrix)
+        self.m = np.asarray(matrix, np.float64)
+        small, large = sorted(self.m.shape)
+        self._gram = None
+        if small > _GRAM_ABOVE or large >= 4 * small:
+            a = self.m if self.m.shape[0] <= self.m.shape[1] else self.m.T
+            self._gram = a @ a.T
+            self.s = np.sqrt(np.clip(np.linalg.eigvalsh(self._gram)[::-1], 0.0, None))
+        else:
+            self.s = np.linalg.svd(self.m, compute_uv=False)
         total = float(np.sum(self.s ** 2))
         self._tail = (total - np.concatenate([[0.0], np.cumsum(self.s ** 2)])) / (total or 1.0)
+        self._factors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def error(self, rank: int) -> float:
         return float(np.sqrt(max(self._tail[rank], 0.0)))
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """(A (m, r), B (r, n)) with A B the rank-r approximation, sqrt(S) on both sides."""
-        root = np.sqrt(self.s[:rank])
-        return self.u[:, :rank] * root[None, :], root[:, None] * self.vt[:rank]
+        if rank not in self._factors:
+            u, s, vt = _gram_svd(self.m, rank, self._gram) if self._gram is not None else \
+                svd(self.m, rank)
+            root = np.sqrt(s)
+            self._factors[rank] = (u * root[None, :], root[:, None] * vt)
+        return self._factors[rank]
 
 
 class WhitenedSVDBasis(SVDBasis):

@@ -119,3 +119,18 @@ def test_dynamic_input_needs_shape(tmp_path):
           check_rc=0)
     dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims] == ["n", "", "h", "w"]
+
+
+def test_slim_opt_factorize(tmp_path):
+    module = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3),
+                           nn.Flatten(), nn.Linear(32 * 14 * 14, 64))
+    src = export_onnx(module, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    out, report = tmp_path / "f.onnx", tmp_path / "r.json"
+    proc = _tool("slim_opt", src, "-o", out, "-p", "factorize{method=auto,rank=0.25}",
+                 "--json", report, check_rc=0)
+    assert "factorize" in proc.stdout
+    details = json.loads(report.read_text())["passes"][0]["details"]
+    methods = [d["method"] for d in details]
+    assert "svd" in methods and len(methods) >= 2  # the Linear, and at least one 3x3 conv
+    assert all(d["macs_after"] < d["macs_before"] for d in details)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
