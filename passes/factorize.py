@@ -16,8 +16,10 @@ input second moment (activation statistics analysis), as ASVD / SVD-LLM do for t
 the reported error is then the relative output error on that data.
 
 Ranks are rounded up to a multiple of `round-to`. A layer is factorized only where the chain
-costs at most (1 - min-saving) of its MACs by the cost model (`force` overrides, for full-rank
-checks); otherwise it is left with the reason.
+costs at most (1 - min-saving) of its MACs by the cost model and, with `measure=true`, where the
+chain also runs faster than the layer alone on ONNX Runtime CPU (graphslim.sites; not used with
+`target-macs`); `force` overrides both, for full-rank checks. Otherwise the layer is left with
+the reason.
 
 Lossy: the pass manager reports the output error; each factorized layer's method, ranks, MACs
 before/after and relative weight error are in the plan's details. Grouped and depthwise convs are
@@ -37,6 +39,7 @@ from graphslim.analyses.cost import Cost
 from graphslim.edits import Layer, ReplaceWithChain
 from graphslim.ir import GraphView, Node, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
+from graphslim.sites import measure_chain
 from passes import lowrank_math as lr
 
 METHODS = ("auto", "svd", "tucker2", "cp", "spatial-svd")
@@ -79,6 +82,7 @@ class FactorizeLowRank(Pass):
     exclude: tuple[str, ...] = ()
     hooi_iters: int = 0
     data_aware: bool = False
+    measure: bool = False
     force: bool = False
 
     def __post_init__(self):
@@ -161,8 +165,20 @@ class FactorizeLowRank(Pass):
                           f"{best.macs} MACs vs {site.macs}: saves less than "
                           f"{self.min_saving:.0%}")
                 continue
+            if self.measure and not self.force and not self._faster(site, best, plan):
+                continue
             chosen.append((site, best))
         return chosen
+
+    def _faster(self, site: _Site, opt: _Option, plan: Plan) -> bool:
+        """Measured ORT latency of the layer and of its chain, each alone (1 thread)."""
+        original = (_original_layer(site),)
+        before, after = measure_chain(original, opt.layers, site.in_shape)
+        if after.median < before.median:
+            return True
+        plan.skip(site.node.name, f"{opt.method} chain measured {after} vs {before} for the "
+                  "layer on ORT CPU: not faster")
+        return False
 
     def _budget(self, sites: list[_Site], plan: Plan, model_macs: int, cache: dict) -> list:
         """Per layer, the option (or none) minimising weight error - lam x saved MACs; lam is
@@ -280,9 +296,15 @@ def _site(view: GraphView, node: Node, shapes: dict) -> _Site | str:
         if weight.ndim != 4:
             return f"{weight.ndim - 2}-D conv: only 2-D convs are factorized"
     site = _Site(node, weight, bias, tuple(in_shape), 0)
-    original = (Layer(OpKind.LINEAR, weight) if node.kind is OpKind.LINEAR else
-                Layer(OpKind.CONV, weight, None, 1, *_geometry(node)))
-    return _Site(node, weight, bias, tuple(in_shape), _chain_macs((original,), site.in_shape))
+    return _Site(node, weight, bias, tuple(in_shape),
+                 _chain_macs((_original_layer(site),), site.in_shape))
+
+
+def _original_layer(site: _Site) -> Layer:
+    node = site.node
+    if node.kind is OpKind.LINEAR:
+        return Layer(OpKind.LINEAR, site.weight, site.bias)
+    return Layer(OpKind.CONV, site.weight, site.bias, 1, *_geometry(node))
 
 
 def _geometry(node: Node) -> tuple:
