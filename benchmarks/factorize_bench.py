@@ -23,7 +23,7 @@ import torchvision
 
 import graphslim
 import passes  # noqa: F401
-from graphslim.report import format_rows
+from graphslim.report import format_rows, markdown_rows
 from graphslim.runtime import compare, make_session, session_runner
 from graphslim.verify import make_inputs
 from passes.lowrank_math import Tucker2Basis
@@ -90,13 +90,12 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             rows.extend(bench_model(name, args.threads, args.repeats, tmp))
     n, secs = hosvd_seconds("resnet50")
-    table = format_rows(rows)
+    print(format_rows(rows))
     text = (f"# Low-rank factorization\n\nCommand: `python benchmarks/factorize_bench.py "
             f"--models {args.models} --threads {args.threads} --repeats {args.repeats}`; ONNX "
             f"Runtime CPU, {args.threads} thread(s), opt level ALL, batch 1, 224x224, "
-            f"interleaved medians.\n\n```\n{table}\n```\n\nHOSVD (Tucker-2 bases) of all {n} "
+            f"interleaved medians.\n\n{markdown_rows(rows)}\n\nHOSVD (Tucker-2 bases) of all {n} "
             f"KxK convs of resnet50: {secs:.2f} s.\n")
-    print(text)
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:

@@ -23,7 +23,7 @@ import torchvision
 
 import graphslim
 import passes  # noqa: F401
-from graphslim.report import format_rows
+from graphslim.report import format_rows, markdown_rows
 
 _INPUT = {"inception_v3": 299}
 
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write("# fold-bn over torchvision classification models\n\n")
             f.write(f"Command: `python benchmarks/fold_bn_zoo.py"
-                    f"{' --models ' + args.models if args.models else ''}`\n\n```\n{table}\n```\n")
+                    f"{' --models ' + args.models if args.models else ''}`\n\n"
+                    f"{markdown_rows(rows)}\n")
     return 0
 
 

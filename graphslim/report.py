@@ -124,6 +124,14 @@ def format_rows(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def markdown_rows(rows: list[tuple]) -> str:
+    """A GitHub markdown table; the first row is the header."""
+    lines = ["| " + " | ".join(map(str, rows[0])) + " |",
+             "|" + "|".join("---" for _ in rows[0]) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
 def format_view(view: GraphView) -> str:
     """One line per node: `out = Op<kind>(inputs) [role:shape ...]`, MLIR-like."""
     lines = [f"graph({', '.join(view.inputs)}) -> ({', '.join(view.outputs)})  [{view.frontend}]"]

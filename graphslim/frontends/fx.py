@@ -26,53 +26,12 @@ try:
     import torch
     from torch import fx, nn
     from torch.fx.passes.shape_prop import ShapeProp
+
+    from graphslim.frontends import fx_ops as ops
 except ImportError as _exc:  # pragma: no cover - exercised only without torch
     raise ImportError("the torch frontend needs torch: pip install 'graphslim[torch]'") from _exc
 
 log = logging.getLogger(__name__)
-
-_MODULE_KINDS: list[tuple[type, OpKind]] = [
-    (nn.modules.conv._ConvTransposeNd, OpKind.CONV_TRANSPOSE),
-    (nn.modules.conv._ConvNd, OpKind.CONV),
-    (nn.Linear, OpKind.LINEAR),
-    (nn.modules.batchnorm._BatchNorm, OpKind.BATCHNORM),
-    (nn.LayerNorm, OpKind.LAYERNORM), (nn.GroupNorm, OpKind.GROUPNORM),
-    (nn.modules.instancenorm._InstanceNorm, OpKind.INSTANCENORM),
-    (nn.MultiheadAttention, OpKind.ATTENTION),
-    (nn.modules.pooling._AvgPoolNd, OpKind.POOL_AVG),
-    (nn.modules.pooling._MaxPoolNd, OpKind.POOL_MAX),
-    (nn.modules.pooling._AdaptiveAvgPoolNd, OpKind.POOL_AVG),
-    (nn.modules.pooling._AdaptiveMaxPoolNd, OpKind.POOL_MAX),
-    (nn.Flatten, OpKind.FLATTEN), (nn.Softmax, OpKind.SOFTMAX),
-    (nn.Identity, OpKind.IDENTITY), (nn.modules.dropout._DropoutNd, OpKind.IDENTITY),
-    (nn.ReLU, OpKind.ACTIVATION), (nn.ReLU6, OpKind.ACTIVATION), (nn.SiLU, OpKind.ACTIVATION),
-    (nn.GELU, OpKind.ACTIVATION), (nn.Hardswish, OpKind.ACTIVATION),
-    (nn.Hardsigmoid, OpKind.ACTIVATION), (nn.Sigmoid, OpKind.ACTIVATION),
-    (nn.Tanh, OpKind.ACTIVATION), (nn.LeakyReLU, OpKind.ACTIVATION), (nn.ELU, OpKind.ACTIVATION),
-    (nn.Mish, OpKind.ACTIVATION), (nn.PReLU, OpKind.ACTIVATION), (nn.Hardtanh, OpKind.ACTIVATION),
-]
-_LEAF_TYPES = tuple(t for t, _ in _MODULE_KINDS)
-_FUNCTION_KINDS = {
-    "add": OpKind.ADD, "iadd": OpKind.ADD, "sub": OpKind.SUB, "mul": OpKind.MUL,
-    "imul": OpKind.MUL, "truediv": OpKind.DIV, "div": OpKind.DIV, "cat": OpKind.CONCAT,
-    "concat": OpKind.CONCAT, "flatten": OpKind.FLATTEN, "reshape": OpKind.RESHAPE,
-    "view": OpKind.RESHAPE, "permute": OpKind.TRANSPOSE, "transpose": OpKind.TRANSPOSE,
-    "relu": OpKind.ACTIVATION, "relu6": OpKind.ACTIVATION, "silu": OpKind.ACTIVATION,
-    "gelu": OpKind.ACTIVATION, "hardswish": OpKind.ACTIVATION, "hardsigmoid": OpKind.ACTIVATION,
-    "sigmoid": OpKind.ACTIVATION, "tanh": OpKind.ACTIVATION, "softmax": OpKind.SOFTMAX,
-    "adaptive_avg_pool2d": OpKind.POOL_GLOBAL_AVG, "avg_pool2d": OpKind.POOL_AVG,
-    "max_pool2d": OpKind.POOL_MAX, "dropout": OpKind.IDENTITY, "contiguous": OpKind.IDENTITY,
-    "matmul": OpKind.MATMUL, "bmm": OpKind.MATMUL, "layer_norm": OpKind.LAYERNORM,
-    "mean": OpKind.REDUCE, "chunk": OpKind.SPLIT, "split": OpKind.SPLIT,
-    "getitem": OpKind.SLICE, "size": OpKind.SHAPE, "getattr": OpKind.SHAPE, "pad": OpKind.PAD,
-    "interpolate": OpKind.RESIZE, "linear": OpKind.MATMUL, "einsum": OpKind.MATMUL,
-}
-_ROLE_ATTRS = {
-    OpKind.BATCHNORM: {"scale": "weight", "bias": "bias", "mean": "running_mean",
-                       "var": "running_var"},
-    OpKind.LAYERNORM: {"scale": "weight", "bias": "bias"},
-    OpKind.GROUPNORM: {"scale": "weight", "bias": "bias"},
-}
 
 
 class _LeafTracer(fx.Tracer):
@@ -87,7 +46,7 @@ class _LeafTracer(fx.Tracer):
         """Leaves: user-given and failed modules, the module types graphslim models, and torch.nn
         modules without children. torch.nn containers (TransformerEncoderLayer, ...) are traced
         into, so the layers inside them are visible to passes."""
-        if qualname in self.leaves or isinstance(m, _LEAF_TYPES):
+        if qualname in self.leaves or isinstance(m, ops.LEAF_TYPES):
             return True
         return super().is_leaf_module(m, qualname) and not any(True for _ in m.children())
 
@@ -231,8 +190,9 @@ class FxGraph(Frontend):
                 tensors[key] = tensor
                 users_by_id.setdefault(id(tensor), []).append(n.name)
                 keys_by_id.setdefault(id(tensor), []).append(key)
-            nodes.append(Node(n.name, kind, _op_name(n), tuple(a.name for a in n.all_input_nodes),
-                              (n.name,), {r: k for r, (k, _) in params.items()}, attrs))
+            inputs = tuple(a.name for a in n.all_input_nodes)
+            nodes.append(Node(n.name, kind, ops.op_name(n), inputs, (n.name,),
+                              {r: k for r, (k, _) in params.items()}, attrs))
         param_users = {}
         for tid, keys in keys_by_id.items():
             for key in keys:
@@ -244,8 +204,8 @@ class FxGraph(Frontend):
             return OpKind.CONSTANT, {}, {"value": (n.target, _get_attr(self.gm, n.target))}
         if n.op == "call_module":
             mod = self.gm.get_submodule(n.target)
-            kind = next((k for t, k in _MODULE_KINDS if isinstance(mod, t)), OpKind.OPAQUE)
-            roles = _ROLE_ATTRS.get(kind)
+            kind = next((k for t, k in ops.MODULE_KINDS if isinstance(mod, t)), OpKind.OPAQUE)
+            roles = ops.ROLE_ATTRS.get(kind)
             params = {}
             leaf_params = [*mod.named_parameters(), *mod.named_buffers()]
             for attr, t in leaf_params:
@@ -255,14 +215,14 @@ class FxGraph(Frontend):
                                                        None)
                 if role is not None:
                     params[role] = (f"{n.target}.{attr}", t)
-            attrs = _module_attrs(mod, kind)
+            attrs = ops.module_attrs(mod, kind)
             if kind is OpKind.OPAQUE:
                 attrs["reason"] = f"module type {type(mod).__name__} is not modelled by graphslim"
             attrs["target"] = n.target
             return kind, attrs, params
         name = getattr(n.target, "__name__", str(n.target))
-        kind = _FUNCTION_KINDS.get(name, OpKind.OPAQUE)
-        attrs = {"fn": name, **_function_attrs(n, kind)}
+        kind = ops.FUNCTION_KINDS.get(name, OpKind.OPAQUE)
+        attrs = {"fn": name, **ops.function_attrs(n, kind)}
         if kind is OpKind.OPAQUE:
             attrs["reason"] = f"function {name} is not modelled by graphslim"
         return kind, attrs, {}
@@ -308,7 +268,7 @@ class FxGraph(Frontend):
             raise ValueError(f"node '{n.name}' ({type(old).__name__}) cannot be replaced by a "
                              "layer chain")
         ref = old.weight
-        chain = nn.Sequential(*(_make_layer(layer, old) for layer in layers)).to(
+        chain = nn.Sequential(*(ops.make_layer(layer, old) for layer in layers)).to(
             dtype=ref.dtype, device=ref.device)
         chain.requires_grad_(ref.requires_grad)
         _set_submodule(self.module, n.target, chain)
@@ -316,7 +276,7 @@ class FxGraph(Frontend):
 
     def _set_param(self, n: fx.Node, node: Node, role: str, value: np.ndarray) -> None:
         mod = self.gm.get_submodule(n.target)
-        attr = _ROLE_ATTRS.get(node.kind, {}).get(role, role)
+        attr = ops.ROLE_ATTRS.get(node.kind, {}).get(role, role)
         old = getattr(mod, attr, None)
         ref = old if isinstance(old, torch.Tensor) else mod.weight
         new = torch.as_tensor(np.ascontiguousarray(value)).to(dtype=ref.dtype, device=ref.device)
@@ -412,42 +372,6 @@ class FxGraph(Frontend):
                               opset_version=opset, dynamo=False)
 
 
-def _function_attrs(n: fx.Node, kind: OpKind) -> dict:
-    """Literal arguments that matter to passes (concat axis, flatten start)."""
-    if kind is OpKind.CONCAT:
-        return {"axis": n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)}
-    if kind is OpKind.FLATTEN:
-        return {"axis": n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)}
-    if kind is OpKind.MATMUL and isinstance(n.args[0], str):
-        return {"equation": n.args[0]}
-    return {}
-
-
-def _make_layer(layer: Layer, like: nn.Module) -> nn.Module:
-    """An nn.Conv*/nn.Linear holding `layer`'s weights (padding mode inherited from `like`)."""
-    w = torch.as_tensor(np.ascontiguousarray(layer.weight), dtype=torch.float32)
-    b = None if layer.bias is None else torch.as_tensor(np.ascontiguousarray(layer.bias),
-                                                        dtype=torch.float32)
-    if layer.kind is OpKind.LINEAR:
-        mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-    else:
-        nd = w.ndim - 2
-        pads = tuple(layer.pads or (0,) * 2 * nd)
-        if pads[:nd] != pads[nd:]:
-            raise ValueError(f"asymmetric padding {pads} cannot be expressed by nn.Conv{nd}d")
-        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
-        mode = getattr(like, "padding_mode", "zeros") if any(pads) else "zeros"
-        mod = cls(w.shape[1] * layer.groups, w.shape[0], tuple(w.shape[2:]),
-                  stride=tuple(layer.strides or (1,) * nd), padding=pads[:nd],
-                  dilation=tuple(layer.dilations or (1,) * nd), groups=layer.groups,
-                  bias=b is not None, padding_mode=mode)
-    with torch.no_grad():
-        mod.weight.copy_(w)
-        if b is not None:
-            mod.bias.copy_(b)
-    return mod
-
-
 def _get_attr(root: nn.Module, target: str):
     obj = root
     for part in target.split("."):
@@ -469,51 +393,6 @@ def _flatten(out) -> list:
     if isinstance(out, (list, tuple)):
         return [t for v in out for t in _flatten(v)]
     return []
-
-
-def _op_name(n: fx.Node) -> str:
-    if n.op == "call_module":
-        return type(n.graph.owning_module.get_submodule(n.target)).__name__
-    if n.op == "get_attr":
-        return "get_attr"
-    return getattr(n.target, "__name__", str(n.target))
-
-
-def _pair(v, nd: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
-
-
-def _module_attrs(mod: nn.Module, kind: OpKind) -> dict:
-    if kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE):
-        nd = len(mod.kernel_size)
-        if isinstance(mod.padding, str):
-            pads = (0,) * 2 * nd if mod.padding == "valid" else None
-        else:
-            pads = tuple(mod.padding) * 2
-        attrs = {"groups": mod.groups, "kernel_shape": tuple(mod.kernel_size),
-                 "strides": tuple(mod.stride), "dilations": tuple(mod.dilation), "pads": pads,
-                 "auto_pad": "NOTSET" if pads is not None else "SAME_UPPER",
-                 "padding_mode": getattr(mod, "padding_mode", "zeros")}
-        if kind is OpKind.CONV_TRANSPOSE:
-            attrs["output_padding"] = tuple(mod.output_padding)
-        return attrs
-    if kind is OpKind.BATCHNORM:
-        training = mod.training or not mod.track_running_stats or mod.running_mean is None
-        return {"eps": float(mod.eps), "training": bool(training)}
-    if kind in (OpKind.POOL_AVG, OpKind.POOL_MAX) and not hasattr(mod, "kernel_size"):
-        return {"adaptive": True, "output_size": mod.output_size}
-    if kind is OpKind.POOL_AVG:
-        nd = 2
-        return {"kernel_shape": _pair(mod.kernel_size, nd), "strides": _pair(mod.stride, nd),
-                "pads": _pair(mod.padding, nd) * 2,
-                "count_include_pad": int(getattr(mod, "count_include_pad", True)),
-                "divisor_override": getattr(mod, "divisor_override", None)}
-    if kind is OpKind.ATTENTION:
-        return {"embed_dim": mod.embed_dim, "num_heads": mod.num_heads,
-                "kdim": mod.kdim, "vdim": mod.vdim, "batch_first": mod.batch_first}
-    if kind is OpKind.ACTIVATION:
-        return {"fn": type(mod).__name__}
-    return {}
 
 
 __all__ = ["FxGraph", "trace"]

@@ -19,56 +19,18 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphslim.edits import Bypass, Edit, Layer, ReplaceWithChain, SetParam
+from graphslim.edits import Bypass, Edit, ReplaceWithChain, SetParam
 from graphslim.errors import InputError, StructureError
+from graphslim.frontends import onnx_edits as edit
+from graphslim.frontends import onnx_ops as ops
 from graphslim.frontends.base import Frontend, TensorSpec
+from graphslim.frontends.onnx_edits import replace_uses
 from graphslim.ir import GraphView, Node, OpKind
 
 log = logging.getLogger(__name__)
 
 # Serialized protobufs are capped at 2 GiB; above this we go through files with external data.
 _LARGE_BYTES = 1_800_000_000
-
-_SIMPLE_KINDS = {
-    "BatchNormalization": OpKind.BATCHNORM, "LayerNormalization": OpKind.LAYERNORM,
-    "GroupNormalization": OpKind.GROUPNORM, "InstanceNormalization": OpKind.INSTANCENORM,
-    "Add": OpKind.ADD, "Sub": OpKind.SUB, "Mul": OpKind.MUL, "Div": OpKind.DIV,
-    "Concat": OpKind.CONCAT, "Split": OpKind.SPLIT, "Slice": OpKind.SLICE,
-    "AveragePool": OpKind.POOL_AVG, "MaxPool": OpKind.POOL_MAX,
-    "GlobalAveragePool": OpKind.POOL_GLOBAL_AVG, "GlobalMaxPool": OpKind.POOL_GLOBAL_MAX,
-    "Flatten": OpKind.FLATTEN, "Reshape": OpKind.RESHAPE, "Squeeze": OpKind.RESHAPE,
-    "Unsqueeze": OpKind.RESHAPE, "Transpose": OpKind.TRANSPOSE, "Pad": OpKind.PAD,
-    "Resize": OpKind.RESIZE, "Upsample": OpKind.RESIZE, "Softmax": OpKind.SOFTMAX,
-    "Identity": OpKind.IDENTITY, "Dropout": OpKind.IDENTITY,
-    "ReduceMean": OpKind.REDUCE, "ReduceSum": OpKind.REDUCE, "ReduceMax": OpKind.REDUCE,
-    "Shape": OpKind.SHAPE, "Gather": OpKind.SHAPE, "ConstantOfShape": OpKind.SHAPE,
-    "Constant": OpKind.CONSTANT, "Einsum": OpKind.MATMUL,
-}
-_ACTIVATIONS = {"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
-                "Gelu", "Clip", "Softplus", "Mish", "PRelu", "Celu", "ThresholdedRelu", "Swish"}
-_ELEMENTWISE = {"Erf", "Sqrt", "Pow", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Cast", "Floor",
-                "Ceil", "Round", "Sin", "Cos", "Where", "Max", "Min", "Equal", "Not"}
-_ROLES = {
-    "Conv": ("x", "weight", "bias"), "ConvTranspose": ("x", "weight", "bias"),
-    "Gemm": ("x", "weight", "bias"), "MatMul": ("x", "weight"),
-    "BatchNormalization": ("x", "scale", "bias", "mean", "var"),
-    "LayerNormalization": ("x", "scale", "bias"), "InstanceNormalization": ("x", "scale", "bias"),
-    "GroupNormalization": ("x", "scale", "bias"),
-}
-
-
-def _role(op: str, slot: int) -> str:
-    roles = _ROLES.get(op, ())
-    return roles[slot] if slot < len(roles) else f"in{slot}"
-
-
-def _slot(op: str, role: str) -> int:
-    roles = _ROLES.get(op, ())
-    if role in roles:
-        return roles.index(role)
-    if role.startswith("in") and role[2:].isdigit():
-        return int(role[2:])
-    raise KeyError(f"op {op} has no parameter role '{role}'")
 
 
 def load(src: str | os.PathLike | onnx.ModelProto,
@@ -110,7 +72,7 @@ def load(src: str | os.PathLike | onnx.ModelProto,
 class OnnxView(GraphView):
     frontend = "onnx"
 
-    def __init__(self, nodes, inputs, outputs, param_users, constants, nodes_by_name):
+    def __init__(self, nodes, inputs, outputs, param_users, constants):
         super().__init__(nodes, inputs, outputs, param_users)
         self._constants = constants
 
@@ -125,7 +87,7 @@ class OnnxView(GraphView):
 
     def _param_info(self, node: Node, role: str):
         t = self._constants[node.params[role]]
-        return tuple(t.shape), _np_dtype(t)
+        return tuple(t.shape), ops.np_dtype(t)
 
 
 class OnnxGraph(Frontend):
@@ -159,7 +121,7 @@ class OnnxGraph(Frontend):
         for node in self.graph.nodes:
             if node.op != "Constant" or id(node.outputs[0]) in outputs:
                 continue
-            values = _constant_node_values(node)
+            values = ops.constant_node_values(node)
             if values is None:
                 continue
             out = node.outputs[0]
@@ -181,7 +143,7 @@ class OnnxGraph(Frontend):
                 perm = node.attrs.get("perm")
                 const = gs.Constant(node.outputs[0].name,
                                     np.ascontiguousarray(np.transpose(const.values, perm)))
-            _replace_uses(node.outputs[0], const)
+            replace_uses(node.outputs[0], const)
             node.outputs.clear()
             lifted += 1
         if lifted:
@@ -236,18 +198,18 @@ class OnnxGraph(Frontend):
             inputs, params = [], {}
             for slot, t in enumerate(g.inputs):
                 if isinstance(t, gs.Constant):
-                    role = _role(g.op, slot)
+                    role = ops.role(g.op, slot)
                     params[role] = t.name
                     constants[t.name] = t
                     param_users.setdefault(t.name, []).append(g.name)
                 elif t.name:
                     inputs.append(t.name)
-            kind, attrs = _classify(g, params)
+            kind, attrs = ops.classify(g, params)
             nodes.append(Node(g.name, kind, g.op, tuple(inputs), tuple(t.name for t in g.outputs),
                               params, attrs))
         users = {k: tuple(v) for k, v in param_users.items()}
         return OnnxView(nodes, [t.name for t in self.graph.inputs],
-                        [t.name for t in self.graph.outputs], users, constants, None)
+                        [t.name for t in self.graph.outputs], users, constants)
 
     def apply(self, edits: Sequence[Edit]) -> int:
         by_name = {n.name: n for n in self.graph.nodes}
@@ -257,11 +219,11 @@ class OnnxGraph(Frontend):
             if e.node not in by_name:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
             if isinstance(e, SetParam):
-                self._set_param(by_name[e.node], kinds[e.node], e.role, e.value)
+                edit.set_param(self, by_name[e.node], kinds[e.node], e.role, e.value)
             elif isinstance(e, Bypass):
-                self._bypass(by_name[e.node])
+                edit.bypass(self, by_name[e.node])
             elif isinstance(e, ReplaceWithChain):
-                self._replace_with_chain(by_name[e.node], kinds[e.node], e.layers)
+                edit.replace_with_chain(self, by_name[e.node], kinds[e.node], e.layers)
             else:
                 raise TypeError(f"the ONNX frontend cannot apply {type(e).__name__}")
             touched.add(e.node)
@@ -271,116 +233,13 @@ class OnnxGraph(Frontend):
             self._cache.clear()
         return len(touched)
 
-    def _fresh(self, base: str) -> str:
+    def fresh(self, base: str) -> str:
+        """A tensor / node name not yet used in the graph."""
         taken = set(self.graph.tensors().keys()) | {n.name for n in self.graph.nodes}
         name, k = base, 1
         while name in taken:
             name, k = f"{base}_{k}", k + 1
         return name
-
-    def _set_param(self, g: gs.Node, node: Node, role: str, value: np.ndarray) -> None:
-        if g.op == "MatMul" and role == "bias":  # MatMul has no bias input: add one after it
-            w = g.inputs[1]
-            self._add_bias_after(g, np.asarray(value).astype(np.asarray(w.values).dtype))
-            return
-        slot = _slot(g.op, role)
-        old = g.inputs[slot] if slot < len(g.inputs) else None
-        ref = old if isinstance(old, gs.Constant) else g.inputs[1] if len(g.inputs) > 1 else None
-        dtype = np.asarray(ref.values).dtype if isinstance(ref, gs.Constant) else np.float32
-        arr = np.asarray(value)
-        if node.kind is OpKind.LINEAR and role == "weight" and node.attrs.get("layout") == "in_out":
-            arr = arr.T
-        if node.kind is OpKind.LINEAR and role == "bias" and isinstance(old, gs.Constant):
-            arr = arr.reshape(old.shape)
-        arr = np.ascontiguousarray(arr.astype(dtype, copy=False))
-        if isinstance(old, gs.Constant):
-            shared = len(old.outputs) > 1
-            g.inputs[slot] = gs.Constant(self._fresh(old.name) if shared else old.name, arr)
-            return
-        if old is not None and old.name:
-            raise ValueError(f"node '{g.name}': parameter '{role}' is a computed tensor, not a "
-                             "constant; it cannot be replaced")
-        while len(g.inputs) < slot:
-            g.inputs.append(gs.Variable.empty())
-        const = gs.Constant(self._fresh(f"{g.name}.{role}"), arr)
-        if slot < len(g.inputs):
-            g.inputs[slot] = const
-        else:
-            g.inputs.append(const)
-
-    def _replace_with_chain(self, g: gs.Node, node: Node, layers: Sequence[Layer]) -> None:
-        if node.kind not in (OpKind.CONV, OpKind.LINEAR) or not layers:
-            raise ValueError(f"node '{g.name}' ({g.op}) cannot be replaced by a layer chain")
-        dtype = np.asarray(g.inputs[1].values).dtype
-        src, dst = g.inputs[0], g.outputs[0]
-        new_nodes = []
-        for i, layer in enumerate(layers):
-            out = dst if i == len(layers) - 1 else gs.Variable(
-                self._fresh(f"{dst.name}_lr{i}"), dtype=dst.dtype)
-            name = self._fresh(f"{g.name}_lr{i}")
-            new_nodes.extend(self._layer_nodes(g.op, name, layer, src, out, dtype))
-            src = out
-        g.inputs.clear()
-        g.outputs.clear()
-        self.graph.nodes.extend(new_nodes)
-
-    def _layer_nodes(self, op: str, name: str, layer: Layer, src, out, dtype) -> list[gs.Node]:
-        def const(role, arr):
-            return gs.Constant(self._fresh(f"{name}.{role}"), np.ascontiguousarray(
-                np.asarray(arr).astype(dtype)))
-
-        if layer.kind is OpKind.CONV:
-            nd = layer.weight.ndim - 2
-            attrs = {"group": layer.groups, "kernel_shape": list(layer.weight.shape[2:]),
-                     "strides": list(layer.strides or [1] * nd),
-                     "pads": list(layer.pads or [0] * 2 * nd),
-                     "dilations": list(layer.dilations or [1] * nd)}
-            inputs = [src, const("weight", layer.weight)]
-            if layer.bias is not None:
-                inputs.append(const("bias", layer.bias))
-            return [gs.Node("Conv", name, attrs, inputs, [out])]
-        if op == "Gemm":
-            inputs = [src, const("weight", layer.weight)]
-            if layer.bias is not None:
-                inputs.append(const("bias", layer.bias))
-            return [gs.Node("Gemm", name, {"transB": 1}, inputs, [out])]
-        if layer.bias is None:  # MatMul: x @ W with W stored (in, out)
-            return [gs.Node("MatMul", name, {}, [src, const("weight", layer.weight.T)], [out])]
-        mid = gs.Variable(self._fresh(f"{out.name}_nobias"), dtype=out.dtype)
-        return [gs.Node("MatMul", name, {}, [src, const("weight", layer.weight.T)], [mid]),
-                gs.Node("Add", self._fresh(f"{name}_bias"), {}, [mid, const("bias", layer.bias)],
-                        [out])]
-
-    def _add_bias_after(self, g: gs.Node, bias: np.ndarray) -> None:
-        out = g.outputs[0]
-        mid = gs.Variable(self._fresh(f"{out.name}_nobias"), dtype=out.dtype)
-        g.outputs[0] = mid
-        const = gs.Constant(self._fresh(f"{g.name}.bias"), bias)
-        self.graph.nodes.append(gs.Node("Add", self._fresh(f"{g.name}_bias"), inputs=[mid, const],
-                                        outputs=[out]))
-
-    def _bypass(self, g: gs.Node) -> None:
-        data = [t for t in g.inputs if isinstance(t, gs.Variable) and t.name]
-        if len(data) != 1 or not g.outputs:
-            raise ValueError(f"node '{g.name}' ({g.op}) does not have exactly one data input")
-        src, out = data[0], g.outputs[0]
-        for extra in g.outputs[1:]:
-            if extra.outputs or extra in self.graph.outputs:
-                raise ValueError(f"node '{g.name}': output '{extra.name}' is used; cannot bypass")
-        if out not in self.graph.outputs:
-            _replace_uses(out, src)
-        elif src in self.graph.inputs or src in self.graph.outputs or not src.inputs:
-            g.op, g.attrs = "Identity", {}
-            g.inputs.clear()
-            g.inputs.append(src)
-            del g.outputs[1:]
-            return
-        else:
-            _replace_uses(src, out, skip=g)
-            producer = src.inputs[0]
-            producer.outputs[producer.outputs.index(src)] = out
-        g.inputs.clear()
-        g.outputs.clear()
 
     # --- export, check, run ----------------------------------------------------------------------
     def to_proto(self) -> onnx.ModelProto:
@@ -396,7 +255,7 @@ class OnnxGraph(Frontend):
         return self._cache["proto"]
 
     def nbytes(self) -> int:
-        return sum(int(np.prod(t.shape or ())) * np.dtype(_np_dtype(t)).itemsize
+        return sum(int(np.prod(t.shape or ())) * np.dtype(ops.np_dtype(t)).itemsize
                    for t in self.graph.tensors().values() if isinstance(t, gs.Constant))
 
     def is_large(self) -> bool:
@@ -458,7 +317,7 @@ class OnnxGraph(Frontend):
                         log.info("input '%s': dynamic batch dim fixed to 1", t.name)
                         dims[j] = 1
                 shape = tuple(dims)
-            specs.append(TensorSpec(t.name, tuple(shape), np.dtype(_np_dtype(t))))
+            specs.append(TensorSpec(t.name, tuple(shape), np.dtype(ops.np_dtype(t))))
         return specs
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -551,81 +410,3 @@ def _copy_without_graph(full: onnx.ModelProto, model: onnx.ModelProto) -> None:
 
 def _concrete(shape) -> bool:
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
-
-
-def _np_dtype(t) -> np.dtype:
-    if isinstance(t, gs.Constant):
-        return np.dtype(t.dtype) if not isinstance(t.dtype, int) else \
-            onnx.helper.tensor_dtype_to_np_dtype(t.dtype)
-    if t.dtype is None:
-        return np.dtype(np.float32)
-    if isinstance(t.dtype, int):
-        return onnx.helper.tensor_dtype_to_np_dtype(t.dtype)
-    return np.dtype(t.dtype)
-
-
-def _replace_uses(old: gs.Variable, new: gs.Tensor, skip: gs.Node | None = None) -> None:
-    for user in list(old.outputs):
-        if user is skip:
-            continue
-        for j, t in enumerate(user.inputs):
-            if t is old:
-                user.inputs[j] = new
-
-
-def _constant_node_values(node: gs.Node) -> np.ndarray | None:
-    a = node.attrs
-    if "value" in a:
-        return np.asarray(a["value"].values)
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
-                       ("value_int", np.int64), ("value_ints", np.int64)):
-        if key in a:
-            return np.asarray(a[key], dtype=dtype)
-    return None  # sparse or string constants stay as nodes
-
-
-def _classify(g: gs.Node, params: dict[str, str]) -> tuple[OpKind, dict]:
-    op, a = g.op, g.attrs
-    if op in ("Conv", "ConvTranspose") and "weight" in params:
-        w_shape = tuple(g.inputs[1].shape)
-        nd = len(w_shape) - 2
-        attrs = {
-            "groups": int(a.get("group", 1)), "kernel_shape": w_shape[2:],
-            "strides": tuple(a.get("strides", [1] * nd)),
-            "dilations": tuple(a.get("dilations", [1] * nd)),
-            "pads": tuple(a.get("pads", [0] * 2 * nd)),
-            "auto_pad": a.get("auto_pad", "NOTSET"), "padding_mode": "zeros",
-        }
-        if op == "ConvTranspose":
-            attrs["output_padding"] = tuple(a.get("output_padding", [0] * nd))
-            return OpKind.CONV_TRANSPOSE, attrs
-        return OpKind.CONV, attrs
-    if op == "Gemm":
-        w = g.inputs[1] if len(g.inputs) > 1 else None
-        linear = (isinstance(w, gs.Constant) and len(w.shape) == 2 and not a.get("transA", 0)
-                  and float(a.get("alpha", 1.0)) == 1.0 and
-                  (len(g.inputs) < 3 or (float(a.get("beta", 1.0)) == 1.0 and
-                                         isinstance(g.inputs[2], gs.Constant))))
-        if linear:
-            out_features = w.shape[0] if a.get("transB", 0) else w.shape[1]
-            if len(g.inputs) < 3 or int(np.prod(g.inputs[2].shape)) == out_features:
-                return OpKind.LINEAR, {"layout": "out_in" if a.get("transB", 0) else "in_out"}
-        return OpKind.OPAQUE, {"reason": "Gemm with transA, alpha/beta != 1 or a full C matrix"}
-    if op == "MatMul":
-        w = g.inputs[1]
-        if isinstance(w, gs.Constant) and len(w.shape) == 2 and not isinstance(g.inputs[0],
-                                                                               gs.Constant):
-            return OpKind.LINEAR, {"layout": "in_out"}
-        return OpKind.MATMUL, {}
-    if op == "BatchNormalization":
-        training = bool(a.get("training_mode", 0)) or len(g.outputs) > 1
-        return OpKind.BATCHNORM, {"eps": float(a.get("epsilon", 1e-5)), "training": training}
-    if op in _SIMPLE_KINDS:
-        attrs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in a.items()
-                 if isinstance(v, (int, float, str, list))}
-        return _SIMPLE_KINDS[op], attrs
-    if op in _ACTIVATIONS:
-        return OpKind.ACTIVATION, {"fn": op}
-    if op in _ELEMENTWISE:
-        return OpKind.ELEMENTWISE, {"fn": op}
-    return OpKind.OPAQUE, {"reason": f"op {op} is not modelled by graphslim"}

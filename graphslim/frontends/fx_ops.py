@@ -1,0 +1,135 @@
+"""torch op tables for the fx frontend: module types and functions -> OpKind, parameter roles,
+the normalized attributes passes read, and building nn layers from edit-vocabulary Layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from graphslim.edits import Layer
+from graphslim.ir import OpKind
+
+MODULE_KINDS: list[tuple[type, OpKind]] = [
+    (nn.modules.conv._ConvTransposeNd, OpKind.CONV_TRANSPOSE),
+    (nn.modules.conv._ConvNd, OpKind.CONV),
+    (nn.Linear, OpKind.LINEAR),
+    (nn.modules.batchnorm._BatchNorm, OpKind.BATCHNORM),
+    (nn.LayerNorm, OpKind.LAYERNORM), (nn.GroupNorm, OpKind.GROUPNORM),
+    (nn.modules.instancenorm._InstanceNorm, OpKind.INSTANCENORM),
+    (nn.MultiheadAttention, OpKind.ATTENTION),
+    (nn.modules.pooling._AvgPoolNd, OpKind.POOL_AVG),
+    (nn.modules.pooling._MaxPoolNd, OpKind.POOL_MAX),
+    (nn.modules.pooling._AdaptiveAvgPoolNd, OpKind.POOL_AVG),
+    (nn.modules.pooling._AdaptiveMaxPoolNd, OpKind.POOL_MAX),
+    (nn.Flatten, OpKind.FLATTEN), (nn.Softmax, OpKind.SOFTMAX),
+    (nn.Identity, OpKind.IDENTITY), (nn.modules.dropout._DropoutNd, OpKind.IDENTITY),
+    (nn.ReLU, OpKind.ACTIVATION), (nn.ReLU6, OpKind.ACTIVATION), (nn.SiLU, OpKind.ACTIVATION),
+    (nn.GELU, OpKind.ACTIVATION), (nn.Hardswish, OpKind.ACTIVATION),
+    (nn.Hardsigmoid, OpKind.ACTIVATION), (nn.Sigmoid, OpKind.ACTIVATION),
+    (nn.Tanh, OpKind.ACTIVATION), (nn.LeakyReLU, OpKind.ACTIVATION), (nn.ELU, OpKind.ACTIVATION),
+    (nn.Mish, OpKind.ACTIVATION), (nn.PReLU, OpKind.ACTIVATION), (nn.Hardtanh, OpKind.ACTIVATION),
+]
+LEAF_TYPES = tuple(t for t, _ in MODULE_KINDS)
+FUNCTION_KINDS = {
+    "add": OpKind.ADD, "iadd": OpKind.ADD, "sub": OpKind.SUB, "mul": OpKind.MUL,
+    "imul": OpKind.MUL, "truediv": OpKind.DIV, "div": OpKind.DIV, "cat": OpKind.CONCAT,
+    "concat": OpKind.CONCAT, "flatten": OpKind.FLATTEN, "reshape": OpKind.RESHAPE,
+    "view": OpKind.RESHAPE, "permute": OpKind.TRANSPOSE, "transpose": OpKind.TRANSPOSE,
+    "relu": OpKind.ACTIVATION, "relu6": OpKind.ACTIVATION, "silu": OpKind.ACTIVATION,
+    "gelu": OpKind.ACTIVATION, "hardswish": OpKind.ACTIVATION, "hardsigmoid": OpKind.ACTIVATION,
+    "sigmoid": OpKind.ACTIVATION, "tanh": OpKind.ACTIVATION, "softmax": OpKind.SOFTMAX,
+    "adaptive_avg_pool2d": OpKind.POOL_GLOBAL_AVG, "avg_pool2d": OpKind.POOL_AVG,
+    "max_pool2d": OpKind.POOL_MAX, "dropout": OpKind.IDENTITY, "contiguous": OpKind.IDENTITY,
+    "matmul": OpKind.MATMUL, "bmm": OpKind.MATMUL, "layer_norm": OpKind.LAYERNORM,
+    "mean": OpKind.REDUCE, "chunk": OpKind.SPLIT, "split": OpKind.SPLIT,
+    "getitem": OpKind.SLICE, "size": OpKind.SHAPE, "getattr": OpKind.SHAPE, "pad": OpKind.PAD,
+    "interpolate": OpKind.RESIZE, "linear": OpKind.MATMUL, "einsum": OpKind.MATMUL,
+}
+ROLE_ATTRS = {
+    OpKind.BATCHNORM: {"scale": "weight", "bias": "bias", "mean": "running_mean",
+                       "var": "running_var"},
+    OpKind.LAYERNORM: {"scale": "weight", "bias": "bias"},
+    OpKind.GROUPNORM: {"scale": "weight", "bias": "bias"},
+}
+
+
+def function_attrs(n: fx.Node, kind: OpKind) -> dict:
+    """Literal arguments that matter to passes (concat axis, flatten start)."""
+    if kind is OpKind.CONCAT:
+        return {"axis": n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)}
+    if kind is OpKind.FLATTEN:
+        return {"axis": n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)}
+    if kind is OpKind.MATMUL and isinstance(n.args[0], str):
+        return {"equation": n.args[0]}
+    return {}
+
+
+def make_layer(layer: Layer, like: nn.Module) -> nn.Module:
+    """An nn.Conv*/nn.Linear holding `layer`'s weights (padding mode inherited from `like`)."""
+    w = torch.as_tensor(np.ascontiguousarray(layer.weight), dtype=torch.float32)
+    b = None if layer.bias is None else torch.as_tensor(np.ascontiguousarray(layer.bias),
+                                                        dtype=torch.float32)
+    if layer.kind is OpKind.LINEAR:
+        mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    else:
+        nd = w.ndim - 2
+        pads = tuple(layer.pads or (0,) * 2 * nd)
+        if pads[:nd] != pads[nd:]:
+            raise ValueError(f"asymmetric padding {pads} cannot be expressed by nn.Conv{nd}d")
+        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
+        mode = getattr(like, "padding_mode", "zeros") if any(pads) else "zeros"
+        mod = cls(w.shape[1] * layer.groups, w.shape[0], tuple(w.shape[2:]),
+                  stride=tuple(layer.strides or (1,) * nd), padding=pads[:nd],
+                  dilation=tuple(layer.dilations or (1,) * nd), groups=layer.groups,
+                  bias=b is not None, padding_mode=mode)
+    with torch.no_grad():
+        mod.weight.copy_(w)
+        if b is not None:
+            mod.bias.copy_(b)
+    return mod
+
+
+def op_name(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return type(n.graph.owning_module.get_submodule(n.target)).__name__
+    if n.op == "get_attr":
+        return "get_attr"
+    return getattr(n.target, "__name__", str(n.target))
+
+
+def _pair(v, nd: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+
+def module_attrs(mod: nn.Module, kind: OpKind) -> dict:
+    if kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE):
+        nd = len(mod.kernel_size)
+        if isinstance(mod.padding, str):
+            pads = (0,) * 2 * nd if mod.padding == "valid" else None
+        else:
+            pads = tuple(mod.padding) * 2
+        attrs = {"groups": mod.groups, "kernel_shape": tuple(mod.kernel_size),
+                 "strides": tuple(mod.stride), "dilations": tuple(mod.dilation), "pads": pads,
+                 "auto_pad": "NOTSET" if pads is not None else "SAME_UPPER",
+                 "padding_mode": getattr(mod, "padding_mode", "zeros")}
+        if kind is OpKind.CONV_TRANSPOSE:
+            attrs["output_padding"] = tuple(mod.output_padding)
+        return attrs
+    if kind is OpKind.BATCHNORM:
+        training = mod.training or not mod.track_running_stats or mod.running_mean is None
+        return {"eps": float(mod.eps), "training": bool(training)}
+    if kind in (OpKind.POOL_AVG, OpKind.POOL_MAX) and not hasattr(mod, "kernel_size"):
+        return {"adaptive": True, "output_size": mod.output_size}
+    if kind is OpKind.POOL_AVG:
+        nd = 2
+        return {"kernel_shape": _pair(mod.kernel_size, nd), "strides": _pair(mod.stride, nd),
+                "pads": _pair(mod.padding, nd) * 2,
+                "count_include_pad": int(getattr(mod, "count_include_pad", True)),
+                "divisor_override": getattr(mod, "divisor_override", None)}
+    if kind is OpKind.ATTENTION:
+        return {"embed_dim": mod.embed_dim, "num_heads": mod.num_heads,
+                "kdim": mod.kdim, "vdim": mod.vdim, "batch_first": mod.batch_first}
+    if kind is OpKind.ACTIVATION:
+        return {"fn": type(mod).__name__}
+    return {}

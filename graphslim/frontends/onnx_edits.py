@@ -1,0 +1,131 @@
+"""The edit vocabulary applied to an onnx-graphsurgeon graph (the ONNX frontend's half of
+graphslim/edits.py). Each function takes the OnnxGraph being edited as `m`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphslim.edits import Layer
+from graphslim.frontends import onnx_ops as ops
+from graphslim.ir import Node, OpKind
+
+
+def set_param(m, g: gs.Node, node: Node, role: str, value: np.ndarray) -> None:
+    if g.op == "MatMul" and role == "bias":  # MatMul has no bias input: add one after it
+        w = g.inputs[1]
+        _add_bias_after(m, g, np.asarray(value).astype(np.asarray(w.values).dtype))
+        return
+    slot = ops.slot(g.op, role)
+    old = g.inputs[slot] if slot < len(g.inputs) else None
+    ref = old if isinstance(old, gs.Constant) else g.inputs[1] if len(g.inputs) > 1 else None
+    dtype = np.asarray(ref.values).dtype if isinstance(ref, gs.Constant) else np.float32
+    arr = np.asarray(value)
+    if node.kind is OpKind.LINEAR and role == "weight" and node.attrs.get("layout") == "in_out":
+        arr = arr.T
+    if node.kind is OpKind.LINEAR and role == "bias" and isinstance(old, gs.Constant):
+        arr = arr.reshape(old.shape)
+    arr = np.ascontiguousarray(arr.astype(dtype, copy=False))
+    if isinstance(old, gs.Constant):
+        shared = len(old.outputs) > 1
+        g.inputs[slot] = gs.Constant(m.fresh(old.name) if shared else old.name, arr)
+        return
+    if old is not None and old.name:
+        raise ValueError(f"node '{g.name}': parameter '{role}' is a computed tensor, not a "
+                         "constant; it cannot be replaced")
+    while len(g.inputs) < slot:
+        g.inputs.append(gs.Variable.empty())
+    const = gs.Constant(m.fresh(f"{g.name}.{role}"), arr)
+    if slot < len(g.inputs):
+        g.inputs[slot] = const
+    else:
+        g.inputs.append(const)
+
+
+def replace_with_chain(m, g: gs.Node, node: Node, layers: Sequence[Layer]) -> None:
+    if node.kind not in (OpKind.CONV, OpKind.LINEAR) or not layers:
+        raise ValueError(f"node '{g.name}' ({g.op}) cannot be replaced by a layer chain")
+    dtype = np.asarray(g.inputs[1].values).dtype
+    src, dst = g.inputs[0], g.outputs[0]
+    new_nodes = []
+    for i, layer in enumerate(layers):
+        out = dst if i == len(layers) - 1 else gs.Variable(
+            m.fresh(f"{dst.name}_lr{i}"), dtype=dst.dtype)
+        name = m.fresh(f"{g.name}_lr{i}")
+        new_nodes.extend(_layer_nodes(m, g.op, name, layer, src, out, dtype))
+        src = out
+    g.inputs.clear()
+    g.outputs.clear()
+    m.graph.nodes.extend(new_nodes)
+
+
+def _layer_nodes(m, op: str, name: str, layer: Layer, src, out, dtype) -> list[gs.Node]:
+    def const(role, arr):
+        return gs.Constant(m.fresh(f"{name}.{role}"), np.ascontiguousarray(
+            np.asarray(arr).astype(dtype)))
+
+    if layer.kind is OpKind.CONV:
+        nd = layer.weight.ndim - 2
+        attrs = {"group": layer.groups, "kernel_shape": list(layer.weight.shape[2:]),
+                 "strides": list(layer.strides or [1] * nd),
+                 "pads": list(layer.pads or [0] * 2 * nd),
+                 "dilations": list(layer.dilations or [1] * nd)}
+        inputs = [src, const("weight", layer.weight)]
+        if layer.bias is not None:
+            inputs.append(const("bias", layer.bias))
+        return [gs.Node("Conv", name, attrs, inputs, [out])]
+    if op == "Gemm":
+        inputs = [src, const("weight", layer.weight)]
+        if layer.bias is not None:
+            inputs.append(const("bias", layer.bias))
+        return [gs.Node("Gemm", name, {"transB": 1}, inputs, [out])]
+    if layer.bias is None:  # MatMul: x @ W with W stored (in, out)
+        return [gs.Node("MatMul", name, {}, [src, const("weight", layer.weight.T)], [out])]
+    mid = gs.Variable(m.fresh(f"{out.name}_nobias"), dtype=out.dtype)
+    return [gs.Node("MatMul", name, {}, [src, const("weight", layer.weight.T)], [mid]),
+            gs.Node("Add", m.fresh(f"{name}_bias"), {}, [mid, const("bias", layer.bias)],
+                    [out])]
+
+
+def _add_bias_after(m, g: gs.Node, bias: np.ndarray) -> None:
+    out = g.outputs[0]
+    mid = gs.Variable(m.fresh(f"{out.name}_nobias"), dtype=out.dtype)
+    g.outputs[0] = mid
+    const = gs.Constant(m.fresh(f"{g.name}.bias"), bias)
+    m.graph.nodes.append(gs.Node("Add", m.fresh(f"{g.name}_bias"), inputs=[mid, const],
+                                    outputs=[out]))
+
+
+def bypass(m, g: gs.Node) -> None:
+    data = [t for t in g.inputs if isinstance(t, gs.Variable) and t.name]
+    if len(data) != 1 or not g.outputs:
+        raise ValueError(f"node '{g.name}' ({g.op}) does not have exactly one data input")
+    src, out = data[0], g.outputs[0]
+    for extra in g.outputs[1:]:
+        if extra.outputs or extra in m.graph.outputs:
+            raise ValueError(f"node '{g.name}': output '{extra.name}' is used; cannot bypass")
+    if out not in m.graph.outputs:
+        replace_uses(out, src)
+    elif src in m.graph.inputs or src in m.graph.outputs or not src.inputs:
+        g.op, g.attrs = "Identity", {}
+        g.inputs.clear()
+        g.inputs.append(src)
+        del g.outputs[1:]
+        return
+    else:
+        replace_uses(src, out, skip=g)
+        producer = src.inputs[0]
+        producer.outputs[producer.outputs.index(src)] = out
+    g.inputs.clear()
+    g.outputs.clear()
+
+
+def replace_uses(old: gs.Variable, new: gs.Tensor, skip: gs.Node | None = None) -> None:
+    for user in list(old.outputs):
+        if user is skip:
+            continue
+        for j, t in enumerate(user.inputs):
+            if t is old:
+                user.inputs[j] = new

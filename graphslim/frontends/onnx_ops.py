@@ -1,0 +1,120 @@
+"""ONNX op tables for the ONNX frontend: op_type -> OpKind, parameter roles by input slot, and
+the normalized attributes passes read."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphslim.ir import OpKind
+
+SIMPLE_KINDS = {
+    "BatchNormalization": OpKind.BATCHNORM, "LayerNormalization": OpKind.LAYERNORM,
+    "GroupNormalization": OpKind.GROUPNORM, "InstanceNormalization": OpKind.INSTANCENORM,
+    "Add": OpKind.ADD, "Sub": OpKind.SUB, "Mul": OpKind.MUL, "Div": OpKind.DIV,
+    "Concat": OpKind.CONCAT, "Split": OpKind.SPLIT, "Slice": OpKind.SLICE,
+    "AveragePool": OpKind.POOL_AVG, "MaxPool": OpKind.POOL_MAX,
+    "GlobalAveragePool": OpKind.POOL_GLOBAL_AVG, "GlobalMaxPool": OpKind.POOL_GLOBAL_MAX,
+    "Flatten": OpKind.FLATTEN, "Reshape": OpKind.RESHAPE, "Squeeze": OpKind.RESHAPE,
+    "Unsqueeze": OpKind.RESHAPE, "Transpose": OpKind.TRANSPOSE, "Pad": OpKind.PAD,
+    "Resize": OpKind.RESIZE, "Upsample": OpKind.RESIZE, "Softmax": OpKind.SOFTMAX,
+    "Identity": OpKind.IDENTITY, "Dropout": OpKind.IDENTITY,
+    "ReduceMean": OpKind.REDUCE, "ReduceSum": OpKind.REDUCE, "ReduceMax": OpKind.REDUCE,
+    "Shape": OpKind.SHAPE, "Gather": OpKind.SHAPE, "ConstantOfShape": OpKind.SHAPE,
+    "Constant": OpKind.CONSTANT, "Einsum": OpKind.MATMUL,
+}
+ACTIVATIONS = {"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
+                "Gelu", "Clip", "Softplus", "Mish", "PRelu", "Celu", "ThresholdedRelu", "Swish"}
+ELEMENTWISE = {"Erf", "Sqrt", "Pow", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Cast", "Floor",
+                "Ceil", "Round", "Sin", "Cos", "Where", "Max", "Min", "Equal", "Not"}
+ROLES = {
+    "Conv": ("x", "weight", "bias"), "ConvTranspose": ("x", "weight", "bias"),
+    "Gemm": ("x", "weight", "bias"), "MatMul": ("x", "weight"),
+    "BatchNormalization": ("x", "scale", "bias", "mean", "var"),
+    "LayerNormalization": ("x", "scale", "bias"), "InstanceNormalization": ("x", "scale", "bias"),
+    "GroupNormalization": ("x", "scale", "bias"),
+}
+
+
+def role(op: str, slot: int) -> str:
+    roles = ROLES.get(op, ())
+    return roles[slot] if slot < len(roles) else f"in{slot}"
+
+
+def slot(op: str, role: str) -> int:
+    roles = ROLES.get(op, ())
+    if role in roles:
+        return roles.index(role)
+    if role.startswith("in") and role[2:].isdigit():
+        return int(role[2:])
+    raise KeyError(f"op {op} has no parameter role '{role}'")
+
+
+def np_dtype(t) -> np.dtype:
+    if isinstance(t, gs.Constant):
+        return np.dtype(t.dtype) if not isinstance(t.dtype, int) else \
+            onnx.helper.tensor_dtype_to_np_dtype(t.dtype)
+    if t.dtype is None:
+        return np.dtype(np.float32)
+    if isinstance(t.dtype, int):
+        return onnx.helper.tensor_dtype_to_np_dtype(t.dtype)
+    return np.dtype(t.dtype)
+
+
+def constant_node_values(node: gs.Node) -> np.ndarray | None:
+    a = node.attrs
+    if "value" in a:
+        return np.asarray(a["value"].values)
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in a:
+            return np.asarray(a[key], dtype=dtype)
+    return None  # sparse or string constants stay as nodes
+
+
+def classify(g: gs.Node, params: dict[str, str]) -> tuple[OpKind, dict]:
+    op, a = g.op, g.attrs
+    if op in ("Conv", "ConvTranspose") and "weight" in params:
+        w_shape = tuple(g.inputs[1].shape)
+        nd = len(w_shape) - 2
+        attrs = {
+            "groups": int(a.get("group", 1)), "kernel_shape": w_shape[2:],
+            "strides": tuple(a.get("strides", [1] * nd)),
+            "dilations": tuple(a.get("dilations", [1] * nd)),
+            "pads": tuple(a.get("pads", [0] * 2 * nd)),
+            "auto_pad": a.get("auto_pad", "NOTSET"), "padding_mode": "zeros",
+        }
+        if op == "ConvTranspose":
+            attrs["output_padding"] = tuple(a.get("output_padding", [0] * nd))
+            return OpKind.CONV_TRANSPOSE, attrs
+        return OpKind.CONV, attrs
+    if op == "Gemm":
+        w = g.inputs[1] if len(g.inputs) > 1 else None
+        linear = (isinstance(w, gs.Constant) and len(w.shape) == 2 and not a.get("transA", 0)
+                  and float(a.get("alpha", 1.0)) == 1.0 and
+                  (len(g.inputs) < 3 or (float(a.get("beta", 1.0)) == 1.0 and
+                                         isinstance(g.inputs[2], gs.Constant))))
+        if linear:
+            out_features = w.shape[0] if a.get("transB", 0) else w.shape[1]
+            if len(g.inputs) < 3 or int(np.prod(g.inputs[2].shape)) == out_features:
+                return OpKind.LINEAR, {"layout": "out_in" if a.get("transB", 0) else "in_out"}
+        return OpKind.OPAQUE, {"reason": "Gemm with transA, alpha/beta != 1 or a full C matrix"}
+    if op == "MatMul":
+        w = g.inputs[1]
+        if isinstance(w, gs.Constant) and len(w.shape) == 2 and not isinstance(g.inputs[0],
+                                                                               gs.Constant):
+            return OpKind.LINEAR, {"layout": "in_out"}
+        return OpKind.MATMUL, {}
+    if op == "BatchNormalization":
+        training = bool(a.get("training_mode", 0)) or len(g.outputs) > 1
+        return OpKind.BATCHNORM, {"eps": float(a.get("epsilon", 1e-5)), "training": training}
+    if op in SIMPLE_KINDS:
+        attrs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in a.items()
+                 if isinstance(v, (int, float, str, list))}
+        return SIMPLE_KINDS[op], attrs
+    if op in ACTIVATIONS:
+        return OpKind.ACTIVATION, {"fn": op}
+    if op in ELEMENTWISE:
+        return OpKind.ELEMENTWISE, {"fn": op}
+    return OpKind.OPAQUE, {"reason": f"op {op} is not modelled by graphslim"}
