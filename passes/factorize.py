@@ -35,7 +35,7 @@ import numpy as np
 
 from graphslim.analyses import Shapes
 from graphslim.analyses.activations import LayerInputGram
-from graphslim.analyses.cost import Cost
+from graphslim.analyses.cost import Cost, chain_macs
 from graphslim.edits import Layer, ReplaceWithChain
 from graphslim.ir import GraphView, Node, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
@@ -229,7 +229,7 @@ class FactorizeLowRank(Pass):
                       _spatial_chain(site, *lr.spatial_layers(a, bb, w.shape), b))
             kind = "output_rel_error" if isinstance(basis, lr.WhitenedSVDBasis) else \
                 "weight_rel_error"
-            return _Option(method, (r,), layers, _chain_macs(layers, site.in_shape),
+            return _Option(method, (r,), layers, chain_macs(layers, site.in_shape),
                            basis.error(r), kind)
         if method == "tucker2":
             if key not in cache:
@@ -244,13 +244,13 @@ class FactorizeLowRank(Pass):
                 first, core, last = basis.factors(r_out, r_in)
                 error = basis.error(r_out, r_in)
             layers = _tucker_chain(site, first, core, last, b)
-            return _Option(method, (r_out, r_in), layers, _chain_macs(layers, site.in_shape),
+            return _Option(method, (r_out, r_in), layers, chain_macs(layers, site.in_shape),
                            error)
         full = min(w.shape[:2])
         r = lr.round_rank((fraction or self._fraction(full)) * full, full, self.round_to)
         (a, bb, c, d), recon = lr.cp_factors(w, r)
         layers = _cp_chain(site, a, bb, c, d, b)
-        return _Option(method, (r,), layers, _chain_macs(layers, site.in_shape),
+        return _Option(method, (r,), layers, chain_macs(layers, site.in_shape),
                        lr.relative_error(w, recon))
 
     def _fraction(self, full: int) -> float:
@@ -297,7 +297,7 @@ def _site(view: GraphView, node: Node, shapes: dict) -> _Site | str:
             return f"{weight.ndim - 2}-D conv: only 2-D convs are factorized"
     site = _Site(node, weight, bias, tuple(in_shape), 0)
     return _Site(node, weight, bias, tuple(in_shape),
-                 _chain_macs((_original_layer(site),), site.in_shape))
+                 chain_macs((_original_layer(site),), site.in_shape))
 
 
 def _original_layer(site: _Site) -> Layer:
@@ -344,23 +344,3 @@ def _cp_chain(site: _Site, a, b, c, d, bias) -> tuple:
             Layer(OpKind.CONV, c.T[:, None, :, None], None, r, *v),
             Layer(OpKind.CONV, d.T[:, None, None, :], None, r, *h),
             Layer(OpKind.CONV, a[:, :, None, None], bias))
-
-
-def _chain_macs(layers, in_shape: tuple) -> int:
-    """MACs of layers applied in sequence to an input of `in_shape`."""
-    shape, total = tuple(in_shape), 0
-    for layer in layers:
-        w = layer.weight
-        if layer.kind is OpKind.LINEAR:
-            total += int(np.prod(shape[:-1])) * w.shape[1] * w.shape[0]
-            shape = (*shape[:-1], w.shape[0])
-            continue
-        nd = w.ndim - 2
-        strides = layer.strides or (1,) * nd
-        pads = layer.pads or (0,) * 2 * nd
-        dil = layer.dilations or (1,) * nd
-        spatial = tuple((shape[2 + i] + pads[i] + pads[nd + i] - dil[i] * (w.shape[2 + i] - 1)
-                         - 1) // strides[i] + 1 for i in range(nd))
-        shape = (shape[0], w.shape[0], *spatial)
-        total += int(np.prod(shape)) * int(np.prod(w.shape[1:]))
-    return total

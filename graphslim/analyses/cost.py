@@ -142,3 +142,24 @@ class Cost(Analysis):
         shapes = am.get(Shapes)
         measured = getattr(am.model, "opaque_macs", dict)()
         return compute_cost(am.view, shapes, measured)
+
+
+def chain_macs(layers, in_shape: tuple) -> int:
+    """MACs of edit-vocabulary Layers (graphslim.edits.Layer) applied in sequence to an input of
+    `in_shape`: what a planned chain will cost before it exists."""
+    shape, total = tuple(in_shape), 0
+    for layer in layers:
+        w = layer.weight
+        if layer.kind is OpKind.LINEAR:
+            total += int(np.prod(shape[:-1])) * w.shape[1] * w.shape[0]
+            shape = (*shape[:-1], w.shape[0])
+            continue
+        nd = w.ndim - 2
+        strides = layer.strides or (1,) * nd
+        pads = layer.pads or (0,) * 2 * nd
+        dil = layer.dilations or (1,) * nd
+        spatial = tuple((shape[2 + i] + pads[i] + pads[nd + i] - dil[i] * (w.shape[2 + i] - 1)
+                         - 1) // strides[i] + 1 for i in range(nd))
+        shape = (shape[0], w.shape[0], *spatial)
+        total += int(np.prod(shape)) * int(np.prod(w.shape[1:]))
+    return total
