@@ -1,7 +1,7 @@
 """The rewrite passes. Importing this package registers every pass by its textual name."""
 
-from passes.conv_substitute import SubstituteConv
+from passes.conv_substitute import SeparateConv, SubstituteConv
 from passes.factorize import FactorizeLowRank
 from passes.fold_bn import FoldBatchNorm
 
-__all__ = ["FactorizeLowRank", "FoldBatchNorm", "SubstituteConv"]
+__all__ = ["FactorizeLowRank", "FoldBatchNorm", "SeparateConv", "SubstituteConv"]

@@ -57,3 +57,31 @@ def merge_pointwise(w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray,
     if b1 is not None:
         b = b + w2m @ np.asarray(b1, np.float64)
     return w, b
+
+
+def separable_factors(weight: np.ndarray, multiplier: int
+                      ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Depthwise-separable fit of a dense conv W (N, C, kh, kw), least squares on the weights.
+
+    For each input channel c, W[:, c] as an (N, kh*kw) matrix is approximated at rank m by its
+    truncated SVD U S V^T (the Frobenius-optimal fit, Eckart-Young):
+        depthwise (C*m, 1, kh, kw):  D[c*m + i] = sqrt(s_i) v_i      (groups = C)
+        pointwise (N, C*m, 1, 1):    P[:, c*m + i] = sqrt(s_i) u_i
+    so that sum_i P[n, c*m+i] D[c*m+i] = W[n, c]. Exact when m >= min(N, kh*kw).
+    Returns (depthwise, pointwise, relative weight error).
+    """
+    w = np.asarray(weight, np.float64)
+    n, c, kh, kw = w.shape
+    m = min(multiplier, n, kh * kw)
+    depth = np.zeros((c * multiplier, 1, kh, kw))
+    point = np.zeros((n, c * multiplier, 1, 1))
+    err2 = 0.0
+    for ch in range(c):
+        u, s, vt = np.linalg.svd(w[:, ch].reshape(n, kh * kw), full_matrices=False)
+        root = np.sqrt(s[:m])
+        depth[ch * multiplier:ch * multiplier + m, 0] = (root[:, None] * vt[:m]).reshape(
+            m, kh, kw)
+        point[:, ch * multiplier:ch * multiplier + m, 0, 0] = u[:, :m] * root[None, :]
+        err2 += float(np.sum(s[m:] ** 2))
+    norm2 = float(np.sum(w ** 2))
+    return depth, point, float(np.sqrt(err2 / norm2)) if norm2 else 0.0
