@@ -12,6 +12,7 @@ atol 1e-5 x max(1, max|ref|)), and the pass time (with verification). Weights ar
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -73,16 +74,20 @@ def run_model(name: str, tmpdir: str) -> list[tuple]:
         err = f"{rec.error_prev.rel_l2:.1e}" if rec.error_prev else "0"
         rows.append((name, frontend, bn_before, bn_after, err, f"{seconds:.1f}s",
                      _reason_summary(result.report)))
+        del model, result  # the largest models hold several GB per copy
+        gc.collect()
     return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--models", help="comma-separated names (default: all classification models)")
+    p.add_argument("--skip", default="", help="comma-separated names to leave out")
     p.add_argument("--out", default="benchmarks/results/fold_bn_zoo.md")
     args = p.parse_args(argv)
     names = args.models.split(",") if args.models else \
         torchvision.models.list_models(module=torchvision.models)
+    names = [n for n in names if n not in args.skip.split(",")]
     rows = [("model", "frontend", "BN before", "BN after", "rel L2 err", "time", "why left")]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -96,7 +101,8 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write("# fold-bn over torchvision classification models\n\n")
             f.write(f"Command: `python benchmarks/fold_bn_zoo.py"
-                    f"{' --models ' + args.models if args.models else ''}`\n\n"
+                    f"{' --models ' + args.models if args.models else ''}"
+                    f"{' --skip ' + args.skip if args.skip else ''}`\n\n"
                     f"{markdown_rows(rows)}\n")
     return 0
 

@@ -262,9 +262,11 @@ class OnnxGraph(Frontend):
         return self.nbytes() > _LARGE_BYTES
 
     def save(self, path: str) -> None:
-        if self.is_large():  # save_model moves tensors out of the proto: give it a copy
-            model = onnx.ModelProto()
-            model.CopyFrom(self.to_proto())
+        if self.is_large():
+            # save_model moves the tensors out of the proto it is given: hand it the cached
+            # export and drop that from the cache (a copy would hold the weights twice more).
+            model = self.to_proto()
+            self._cache.pop("proto", None)
             onnx.save_model(model, path, save_as_external_data=True,
                             all_tensors_to_one_file=True,
                             location=os.path.basename(path) + ".data")
