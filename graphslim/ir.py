@@ -78,6 +78,12 @@ class Node:
         return self.outputs[0]
 
 
+def conv_geometry(node: Node) -> tuple[tuple, tuple, tuple]:
+    """(strides, pads, dilations) of a CONV node, pads in ONNX order (begins, then ends)."""
+    a = node.attrs
+    return tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"])
+
+
 class GraphView:
     """Topologically ordered nodes plus the lookups passes need.
 

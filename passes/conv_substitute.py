@@ -23,16 +23,11 @@ from dataclasses import dataclass
 from graphslim.analyses import Shapes
 from graphslim.analyses.cost import chain_macs
 from graphslim.edits import Bypass, Layer, ReplaceWithChain
-from graphslim.ir import GraphView, Node, OpKind
+from graphslim.ir import GraphView, Node, OpKind, conv_geometry
 from graphslim.pass_manager import Pass, Plan, register_pass
 from passes import conv_math as cm
 
 REWRITES = ("grouped", "merge")
-
-
-def _geometry(node: Node) -> tuple:
-    a = node.attrs
-    return tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"])
 
 
 def _is_pointwise(node: Node) -> bool:
@@ -82,7 +77,7 @@ class SubstituteConv(Pass):
             return
         bias = view.param(node.name, "bias") if "bias" in node.params else None
         layer = Layer(OpKind.CONV, cm.to_grouped(weight, groups), bias, groups,
-                      *_geometry(node))
+                      *conv_geometry(node))
         plan.edits.append(ReplaceWithChain(node.name, (layer,)))
         claimed.add(node.name)
         kind = "depthwise" if groups == weight.shape[1] else "grouped"
@@ -110,7 +105,7 @@ class SubstituteConv(Pass):
                                   get(first.name, "bias") if "bias" in first.params else None,
                                   get(second.name, "weight"),
                                   get(second.name, "bias") if "bias" in second.params else None)
-        geometry = _geometry(first) if first.kind is OpKind.CONV else ()
+        geometry = conv_geometry(first) if first.kind is OpKind.CONV else ()
         merged = Layer(first.kind, w, b, 1, *geometry)
         pair = (Layer(first.kind, get(first.name, "weight"), None, 1, *geometry),
                 Layer(second.kind, get(second.name, "weight")))
@@ -164,10 +159,10 @@ class SeparateConv(Pass):
             weight = view.param(node.name, "weight")
             bias = view.param(node.name, "bias") if "bias" in node.params else None
             depth, point, error = cm.separable_factors(weight, self.multiplier)
-            chain = (Layer(OpKind.CONV, depth, None, weight.shape[1], *_geometry(node)),
+            chain = (Layer(OpKind.CONV, depth, None, weight.shape[1], *conv_geometry(node)),
                      Layer(OpKind.CONV, point, bias))
             in_shape = shapes.get(node.inputs[0])
-            before = chain_macs((Layer(OpKind.CONV, weight, None, 1, *_geometry(node)),),
+            before = chain_macs((Layer(OpKind.CONV, weight, None, 1, *conv_geometry(node)),),
                                 in_shape)
             after = chain_macs(chain, in_shape)
             if after > (1 - self.min_saving) * before:

@@ -37,7 +37,7 @@ from graphslim.analyses import Shapes
 from graphslim.analyses.activations import LayerInputGram
 from graphslim.analyses.cost import Cost, chain_macs
 from graphslim.edits import Layer, ReplaceWithChain
-from graphslim.ir import GraphView, Node, OpKind
+from graphslim.ir import GraphView, Node, OpKind, conv_geometry
 from graphslim.pass_manager import Pass, Plan, register_pass
 from graphslim.sites import measure_chain
 from passes import lowrank_math as lr
@@ -304,24 +304,19 @@ def _original_layer(site: _Site) -> Layer:
     node = site.node
     if node.kind is OpKind.LINEAR:
         return Layer(OpKind.LINEAR, site.weight, site.bias)
-    return Layer(OpKind.CONV, site.weight, site.bias, 1, *_geometry(node))
-
-
-def _geometry(node: Node) -> tuple:
-    a = node.attrs
-    return tuple(a["strides"]), tuple(a["pads"]), tuple(a["dilations"])
+    return Layer(OpKind.CONV, site.weight, site.bias, 1, *conv_geometry(node))
 
 
 def _split_hw(node: Node):
     """(vertical, horizontal) strides/pads/dilations for a Kx1 then 1xK pair."""
-    (sh, sw), (ph0, pw0, ph1, pw1), (dh, dw) = _geometry(node)
+    (sh, sw), (ph0, pw0, ph1, pw1), (dh, dw) = conv_geometry(node)
     return ((sh, 1), (ph0, 0, ph1, 0), (dh, 1)), ((1, sw), (0, pw0, 0, pw1), (1, dw))
 
 
 def _pointwise_chain(site: _Site, first, second, bias) -> tuple:
     if site.node.kind is OpKind.LINEAR:
         return Layer(OpKind.LINEAR, first), Layer(OpKind.LINEAR, second, bias)
-    strides, pads, dilations = _geometry(site.node)
+    strides, pads, dilations = conv_geometry(site.node)
     return (Layer(OpKind.CONV, first[:, :, None, None], None, 1, strides, pads, dilations),
             Layer(OpKind.CONV, second[:, :, None, None], bias))
 
@@ -333,7 +328,7 @@ def _spatial_chain(site: _Site, vertical, horizontal, bias) -> tuple:
 
 def _tucker_chain(site: _Site, first, core, last, bias) -> tuple:
     return (Layer(OpKind.CONV, first[:, :, None, None]),
-            Layer(OpKind.CONV, core, None, 1, *_geometry(site.node)),
+            Layer(OpKind.CONV, core, None, 1, *conv_geometry(site.node)),
             Layer(OpKind.CONV, last[:, :, None, None], bias))
 
 
