@@ -48,7 +48,7 @@ def test_dense_conv_is_left_alone(frontend, tmp_path):
     assert result.report.records[0].edits == 0
 
 
-def _expand_groups(module: nn.Module) -> int:
+def expand_groups(module: nn.Module) -> int:
     """Replace every grouped (not depthwise) conv by the equivalent dense conv, as some
     converters do; returns how many were expanded."""
     count = 0
@@ -70,14 +70,14 @@ def _expand_groups(module: nn.Module) -> int:
             setattr(module, name, dense)
             count += 1
         else:
-            count += _expand_groups(child)
+            count += expand_groups(child)
     return count
 
 
 def test_resnext_expanded_groups_are_restored(frontend, tmp_path):
     torch.manual_seed(0)
     module = torchvision.models.resnext50_32x4d().eval()
-    assert _expand_groups(module) == 16
+    assert expand_groups(module) == 16
     x = torch.randn(1, 3, 64, 64)
     model = make_model(frontend, module, x, tmp_path)
     result = graphslim.optimize(model, "conv-substitute{rewrites=grouped}", tolerance=FP32)
