@@ -176,7 +176,7 @@ class PassManager:
         record = self._run_pass(item, state, dry_run)
         report.records.append(record)
         state.ran.append(item.name)
-        return record.edits
+        return record.nodes_changed  # a fixed point is a round that changed nothing
 
     def _run_pass(self, p: Pass, state: _State, dry_run: bool) -> PassRecord:
         for inst in self.instruments:
