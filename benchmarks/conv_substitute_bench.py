@@ -1,7 +1,7 @@
 """conv-substitute / conv-separable: ORT CPU latency of each rewritten site alone and of the whole
 model, before and after, in one run (interleaved medians).
 
-    python benchmarks/conv_substitute_bench.py [--threads 1] [--repeats 10]
+    python -m benchmarks.conv_substitute_bench [--threads 1] [--repeats 10]
         [--out benchmarks/results/conv_substitute.md]
 
 Cases: resnext50_32x4d with its grouped convs expanded to dense (as some converters emit) ->
@@ -21,13 +21,13 @@ import torchvision
 
 import graphslim
 import passes  # noqa: F401
+from benchmarks.models import expand_groups
 from graphslim.edits import Layer
 from graphslim.ir import OpKind, conv_geometry
 from graphslim.report import format_rows, markdown_rows
 from graphslim.runtime import compare, make_session, session_runner
 from graphslim.sites import measure_chain
 from graphslim.verify import make_inputs
-from tests.test_conv_substitute import expand_groups
 
 CASES = [("resnext50_32x4d (groups expanded)", "resnext50_32x4d", True,
           "conv-substitute{rewrites=grouped}"),
@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as fh:
-            fh.write("# Convolution substitution\n\nCommand: `python "
-                     f"benchmarks/conv_substitute_bench.py --threads {args.threads} --repeats "
+            fh.write("# Convolution substitution\n\nCommand: `python -m "
+                     f"benchmarks.conv_substitute_bench --threads {args.threads} --repeats "
                      f"{args.repeats}`; ONNX Runtime CPU, opt level ALL, batch 1, 224x224, "
                      f"interleaved medians.\n\n{markdown_rows(rows)}\n")
     return 0

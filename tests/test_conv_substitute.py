@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import graphslim
+from benchmarks.models import expand_groups
 from passes import conv_math as cm
 from tests.conftest import FP32, assert_matches_torch, make_model
 
@@ -46,32 +47,6 @@ def test_dense_conv_is_left_alone(frontend, tmp_path):
     model = make_model(frontend, module, x, tmp_path)
     result = graphslim.optimize(model, "conv-substitute{rewrites=grouped}")
     assert result.report.records[0].edits == 0
-
-
-def expand_groups(module: nn.Module) -> int:
-    """Replace every grouped (not depthwise) conv by the equivalent dense conv, as some
-    converters do; returns how many were expanded."""
-    count = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Conv2d) and 1 < child.groups < child.in_channels:
-            dense = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
-                              child.stride, child.padding, child.dilation, 1,
-                              child.bias is not None)
-            g, n = child.groups, child.out_channels
-            w = torch.zeros_like(dense.weight)
-            cg = child.in_channels // g
-            for b in range(g):
-                rows = slice(b * n // g, (b + 1) * n // g)
-                w[rows, b * cg:(b + 1) * cg] = child.weight[rows]
-            with torch.no_grad():
-                dense.weight.copy_(w)
-                if child.bias is not None:
-                    dense.bias.copy_(child.bias)
-            setattr(module, name, dense)
-            count += 1
-        else:
-            count += expand_groups(child)
-    return count
 
 
 def test_resnext_expanded_groups_are_restored(frontend, tmp_path):
