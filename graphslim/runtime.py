@@ -65,6 +65,8 @@ class Latency:
     samples: int
 
     def __str__(self) -> str:
+        if self.median < 1e-3:
+            return f"{self.median * 1e6:.1f} us (IQR {self.iqr * 1e6:.1f})"
         return f"{self.median * 1e3:.2f} ms (IQR {self.iqr * 1e3:.2f})"
 
 
