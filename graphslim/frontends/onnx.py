@@ -351,8 +351,10 @@ class OnnxGraph(Frontend):
         dominated its cost). Small and integer constants stay: data propagation reads them."""
         full = self.to_proto()
         model = onnx.ModelProto()
-        model.CopyFrom(full) if full.graph.ByteSize() < (1 << 20) else _copy_without_graph(
-            full, model)
+        if full.graph.ByteSize() < (1 << 20):
+            model.CopyFrom(full)
+        else:
+            _copy_without_graph(full, model)
         for inp, spec in zip(model.graph.input, self.input_specs()):
             del inp.type.tensor_type.shape.dim[:]
             for d in spec.shape:
