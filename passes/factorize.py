@@ -238,8 +238,7 @@ class FactorizeLowRank(Pass):
             r_out = self._select(basis.s_out, lr.unfold(w, 0), w.shape[0], fraction)
             r_in = self._select(basis.s_in, lr.unfold(w, 1), w.shape[1], fraction)
             if self.hooi_iters:
-                first, core, last, recon = lr.tucker2_factors(w, r_out, r_in, self.hooi_iters)
-                error = lr.relative_error(w, recon)
+                (first, core, last), error = basis.refined(w, r_out, r_in, self.hooi_iters)
             else:
                 first, core, last = basis.factors(r_out, r_in)
                 error = basis.error(r_out, r_in)

@@ -6,7 +6,7 @@ Every factorization returns the new layers' weights in that canonical layout, fi
 - SVD (linear / 1x1 conv):   W ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T): layers C->r, r->N (bias last).
 - Spatial SVD (Jaderberg et al. 2014): M[(c,i), (n,j)] = W[n, c, i, j] ~= A B with rank r:
       layer 1: (r, C, kh, 1)  A[(c,i), r]        layer 2: (N, r, 1, kw)  B[r, (n,j)]
-- Tucker-2 (Kim et al. 2016), one-shot HOSVD with optional HOOI refinement:
+- Tucker-2 (Kim et al. 2016), one-shot HOSVD (Tucker2Basis) with optional HOOI refinement:
       W ~= G x_0 U_out x_1 U_in,  U_out (N, r_out), U_in (C, r_in), G (r_out, r_in, kh, kw):
       layers 1x1 C->r_in (U_in^T), KxK r_in->r_out (G), 1x1 r_out->N (U_out) + bias.
 - CP (Lebedev et al. 2015): W ~= sum_r a_r (x) b_r (x) c_r (x) d_r (tensorly parafac):
@@ -106,6 +106,19 @@ class Tucker2Basis:
         """(U_in^T (r_in, C), core (r_out, r_in, kh, kw), U_out (N, r_out))."""
         return (self.u_in[:, :r_in].T, self.core[:r_out, :r_in], self.u_out[:, :r_out])
 
+    def refined(self, weight: np.ndarray, r_out: int, r_in: int, iters: int
+                ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float]:
+        """HOOI (tensorly's partial_tucker) started from this HOSVD truncation:
+        (factors as in `factors`, relative error)."""
+        w = np.asarray(weight, np.float64)
+        first, core, last = self.factors(r_out, r_in)
+        (core, (u_out, u_in)), _ = partial_tucker(
+            w, rank=[r_out, r_in], modes=[0, 1], n_iter_max=iters,
+            init=(core, [last, first.T]), tol=1e-8)
+        core = multi_mode_dot(w, [u_out.T, u_in.T], modes=[0, 1])
+        recon = multi_mode_dot(core, [u_out, u_in], modes=[0, 1])
+        return (u_in.T, core, u_out), relative_error(w, recon)
+
 
 class SVDBasis:
     """SVD of a matrix for rank selection: all singular values up front (errors and energy are
@@ -172,27 +185,6 @@ def spatial_layers(a: np.ndarray, b: np.ndarray, shape: tuple) -> tuple[np.ndarr
     n, c, kh, kw = shape
     return (a.reshape(c, kh, -1).transpose(2, 0, 1)[..., None],
             b.reshape(-1, n, kw).transpose(1, 0, 2)[:, :, None, :])
-
-
-def tucker2_factors(weight: np.ndarray, r_out: int, r_in: int, hooi_iters: int = 0
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(U_in^T (r_in, C), core (r_out, r_in, kh, kw), U_out (N, r_out), reconstruction).
-
-    HOSVD: U_out, U_in are the leading left singular vectors of the mode-0 / mode-1 unfoldings,
-    the core is W x_0 U_out^T x_1 U_in^T. `hooi_iters` > 0 refines with tensorly's partial_tucker
-    (HOOI), started from the HOSVD factors.
-    """
-    w = np.asarray(weight, np.float64)
-    u_out = svd(unfold(w, 0), r_out)[0]
-    u_in = svd(unfold(w, 1), r_in)[0]
-    if hooi_iters > 0:
-        core = multi_mode_dot(w, [u_out.T, u_in.T], modes=[0, 1])
-        (core, (u_out, u_in)), _ = partial_tucker(
-            w, rank=[r_out, r_in], modes=[0, 1], n_iter_max=hooi_iters,
-            init=(core, [u_out, u_in]), tol=1e-8)
-    core = multi_mode_dot(w, [u_out.T, u_in.T], modes=[0, 1])
-    recon = multi_mode_dot(core, [u_out, u_in], modes=[0, 1])
-    return u_in.T, core, u_out, recon
 
 
 def cp_factors(weight: np.ndarray, rank: int, n_iter: int = 50, seed: int = 0

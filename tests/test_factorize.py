@@ -192,3 +192,18 @@ def test_measure_times_layer_and_chain(frontend, tmp_path):
                                   (Layer(OpKind.LINEAR, w[:8]), Layer(OpKind.LINEAR, w[:, :8])),
                                   (4, 16), repeats=5)
     assert before.samples == after.samples == 5 and before.median > 0 and after.median > 0
+
+
+def test_hooi_refines_hosvd(frontend, tmp_path):
+    """hooi-iters > 0 refines the one-shot HOSVD: weight error no worse, outputs still valid."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 16, 10, 10)
+    model = make_model(frontend, module, x, tmp_path)
+    errors = []
+    for iters in (0, 10):
+        result = graphslim.optimize(model, f"factorize{{method=tucker2,rank=0.25,force=true,"
+                                           f"hooi-iters={iters}}}")
+        errors.append(result.report.records[0].details[0]["weight_rel_error"])
+    print("Tucker-2 weight error HOSVD, HOOI(10):", errors)
+    assert errors[1] <= errors[0] + 1e-9 and errors[0] > 0.1

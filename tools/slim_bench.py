@@ -35,7 +35,7 @@ def _run(args) -> int:
     base = load_model(args.baseline, args.input_shape)
     cand = load_model(args.candidate, args.input_shape)
     feeds = make_inputs(base.input_specs(), args.seed)
-    sessions = [make_session(m._model_ref(), args.provider, args.opt_level, args.threads)
+    sessions = [make_session(m.model_ref(), args.provider, args.opt_level, args.threads)
                 for m in (base, cand)]
     outs = [dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
             for s in sessions]

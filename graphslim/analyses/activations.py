@@ -48,7 +48,7 @@ class LayerInputGram(Analysis):
         if synthetic:
             log.warning("no data given: activation statistics come from synthetic inputs")
             from graphslim.verify import make_inputs
-            source = {k: v for k, v in make_inputs(specs).items()}
+            source = make_inputs(specs)
         else:
             source = am.data
         grams: dict[str, np.ndarray] = {}

@@ -272,11 +272,11 @@ class OnnxGraph(Frontend):
                             location=os.path.basename(path) + ".data")
         else:
             with open(path, "wb") as f:
-                f.write(self._model_ref())
+                f.write(self.model_ref())
 
     to_onnx = save
 
-    def _model_ref(self) -> str | bytes:
+    def model_ref(self) -> str | bytes:
         """Serialized bytes (cached: serializing is the dominant cost on big models), or for
         >2 GB models a path to a temporary copy with external data."""
         if "ref" not in self._cache:
@@ -290,7 +290,7 @@ class OnnxGraph(Frontend):
 
     def check(self) -> None:
         try:
-            onnx.checker.check_model(self._model_ref(), full_check=True)
+            onnx.checker.check_model(self.model_ref(), full_check=True)
         except Exception as exc:
             raise StructureError(f"onnx.checker: {str(exc).strip().splitlines()[0]}") from None
         self._session()
@@ -299,7 +299,7 @@ class OnnxGraph(Frontend):
         if "session" not in self._cache:
             from graphslim.runtime import make_session
             try:
-                self._cache["session"] = make_session(self._model_ref(), opt_level="basic")
+                self._cache["session"] = make_session(self.model_ref(), opt_level="basic")
             except Exception as exc:
                 raise StructureError(f"ONNX Runtime cannot load the model: {exc}") from None
         return self._cache["session"]
