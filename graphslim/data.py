@@ -14,13 +14,16 @@ import numpy as np
 from graphslim.errors import InputError
 from graphslim.frontends.base import TensorSpec
 
+#: optional key of a data mapping: per-sample targets for loss-based criteria (taylor pruning)
+LABELS = "labels"
+
 
 def validate(data: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> int:
     """Check names, shapes and dtypes against the input specs; returns the number of samples."""
     if not isinstance(data, Mapping) or not data:
         raise InputError("data must be a non-empty mapping of input name -> array (samples first)")
     names = [s.name for s in specs]
-    if sorted(data) != sorted(names):
+    if sorted(k for k in data if k != LABELS) != sorted(names):
         raise InputError(f"data has inputs {sorted(data)}, the model's inputs are {names}")
     counts = set()
     for s in specs:

@@ -62,4 +62,30 @@ class ReplaceWithChain:
     layers: tuple[Layer, ...]
 
 
-Edit = SetParam | Bypass | ReplaceWithChain
+@dataclass(frozen=True, eq=False)
+class SliceParam:
+    """Keep only positions `keep` (ascending) of parameter `role` of `node` along `axis` (canonical
+    layout). On fx the module's own tensor is sliced (a module called twice shares it); on ONNX
+    a constant shared with other nodes is copied for this node first (GraphView's
+    `private_param_copies` tells which). The frontend updates layer metadata (channel counts)
+    so the layer describes its new weights."""
+
+    node: str
+    role: str
+    axis: int
+    keep: np.ndarray
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """Change a structural attribute of `node`. Names: "groups" (conv), "num_groups"
+    (GroupNorm), "shape" ({output axis: new size} for a Reshape / view target), "split"
+    (tuple of piece sizes of a Split / chunk), "slice" ((axis, start, stop) of a one-axis
+    Slice)."""
+
+    node: str
+    name: str
+    value: object
+
+
+Edit = SetParam | Bypass | ReplaceWithChain | SliceParam | SetAttr

@@ -3,5 +3,6 @@
 from passes.conv_substitute import SeparateConv, SubstituteConv
 from passes.factorize import FactorizeLowRank
 from passes.fold_bn import FoldBatchNorm
+from passes.prune_channels import PruneChannels
 
-__all__ = ["FactorizeLowRank", "FoldBatchNorm", "SeparateConv", "SubstituteConv"]
+__all__ = ["FactorizeLowRank", "FoldBatchNorm", "PruneChannels", "SeparateConv", "SubstituteConv"]

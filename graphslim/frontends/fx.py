@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphslim.edits import Bypass, Edit, Layer, ReplaceWithChain, SetParam
+from graphslim.edits import Bypass, Edit, Layer, ReplaceWithChain, SetAttr, SetParam, SliceParam
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends.base import Frontend, TensorSpec
 from graphslim.ir import GraphView, Node, OpKind
@@ -27,6 +27,7 @@ try:
     from torch import fx, nn
     from torch.fx.passes.shape_prop import ShapeProp
 
+    from graphslim.frontends import fx_edits
     from graphslim.frontends import fx_ops as ops
 except ImportError as _exc:  # pragma: no cover - exercised only without torch
     raise ImportError("the torch frontend needs torch: pip install 'graphslim[torch]'") from _exc
@@ -237,6 +238,10 @@ class FxGraph(Frontend):
             if e.node not in nodes:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
             n = nodes[e.node]
+            if isinstance(e, (SliceParam, SetAttr)):
+                fx_edits.apply_structural(self, n, kinds[e.node], e)
+                touched.add(e.node)
+                continue
             calls = [m for m in self.gm.graph.nodes
                      if m.op == "call_module" and m.target == n.target]
             if n.op != "call_module" or len(calls) != 1:
@@ -253,6 +258,8 @@ class FxGraph(Frontend):
                 raise TypeError(f"the fx frontend cannot apply {type(e).__name__}")
             touched.add(e.node)
         if edits:
+            fx_edits.sync_modules(self, [nodes[e.node] for e in edits
+                                         if isinstance(e, (SliceParam, SetAttr))])
             self.gm.graph.lint()
             self.gm.recompile()
             if retrace:  # swapped-in Sequentials are traced through, so the view sees the chain

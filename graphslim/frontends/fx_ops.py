@@ -45,6 +45,8 @@ FUNCTION_KINDS = {
     "mean": OpKind.REDUCE, "chunk": OpKind.SPLIT, "split": OpKind.SPLIT,
     "getitem": OpKind.SLICE, "size": OpKind.SHAPE, "getattr": OpKind.SHAPE, "pad": OpKind.PAD,
     "interpolate": OpKind.RESIZE, "linear": OpKind.MATMUL, "einsum": OpKind.MATMUL,
+    "stochastic_depth": OpKind.ELEMENTWISE, "unflatten": OpKind.RESHAPE,
+    "squeeze": OpKind.RESHAPE, "unsqueeze": OpKind.RESHAPE, "expand": OpKind.ELEMENTWISE,
 }
 ROLE_ATTRS = {
     OpKind.BATCHNORM: {"scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -54,8 +56,30 @@ ROLE_ATTRS = {
 }
 
 
+def literal(a):
+    """An fx argument as plain data: nodes become "$node", slices ("slice", start, stop, step)."""
+    if isinstance(a, fx.Node):
+        return "$node"
+    if isinstance(a, slice):
+        return ("slice", literal(a.start), literal(a.stop), literal(a.step))
+    if isinstance(a, (list, tuple)):
+        return type(a)(literal(x) for x in a)
+    if a is None or a is Ellipsis or isinstance(a, (int, float, str, bool)):
+        return a
+    return str(a)
+
+
 def function_attrs(n: fx.Node, kind: OpKind) -> dict:
-    """Literal arguments that matter to passes (concat axis, flatten start)."""
+    """Literal arguments that matter to passes (concat axis, flatten start), plus every literal
+    argument after the first as `args` / `kwargs` (ChannelDeps reads permutations, indices)."""
+    base = {"args": literal(tuple(n.args[1:])),
+            "kwargs": {k: literal(v) for k, v in n.kwargs.items()}}
+    return {**base, **_known_attrs(n, kind)}
+
+
+def _known_attrs(n: fx.Node, kind: OpKind) -> dict:
+    if kind is OpKind.SPLIT:
+        return {"axis": n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)}
     if kind is OpKind.CONCAT:
         return {"axis": n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)}
     if kind is OpKind.FLATTEN:
@@ -132,4 +156,11 @@ def module_attrs(mod: nn.Module, kind: OpKind) -> dict:
                 "kdim": mod.kdim, "vdim": mod.vdim, "batch_first": mod.batch_first}
     if kind is OpKind.ACTIVATION:
         return {"fn": type(mod).__name__}
+    if kind is OpKind.LAYERNORM:  # torchvision's LayerNorm2d normalizes NCHW over channels
+        return {"normalized_ndim": len(mod.normalized_shape),
+                "channels_first": type(mod).__name__ == "LayerNorm2d"}
+    if kind is OpKind.GROUPNORM:
+        return {"num_groups": mod.num_groups}
+    if kind is OpKind.SOFTMAX:
+        return {"dim": mod.dim}
     return {}

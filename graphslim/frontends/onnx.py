@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphslim.edits import Bypass, Edit, ReplaceWithChain, SetParam
+from graphslim.edits import Bypass, Edit, ReplaceWithChain, SetAttr, SetParam, SliceParam
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends import onnx_edits as edit
 from graphslim.frontends import onnx_ops as ops
@@ -70,6 +70,8 @@ def load(src: str | os.PathLike | onnx.ModelProto,
 
 
 class OnnxView(GraphView):
+    private_param_copies = True
+
     frontend = "onnx"
 
     def __init__(self, nodes, inputs, outputs, param_users, constants):
@@ -182,6 +184,11 @@ class OnnxGraph(Frontend):
     def version(self) -> int:
         return self._version
 
+    @property
+    def opset(self) -> int:
+        return next((o.version for o in self.template.opset_import if o.domain in ("", "ai.onnx")),
+                    self.graph.opset)
+
     def copy(self) -> OnnxGraph:
         clone = OnnxGraph(self.graph.copy(), self.template, self.input_shapes)
         clone.load_notes = list(self.load_notes)
@@ -215,6 +222,7 @@ class OnnxGraph(Frontend):
         by_name = {n.name: n for n in self.graph.nodes}
         touched: set[str] = set()
         kinds = {n.name: n for n in self.view().nodes()}
+        computed = self._computed_reshape_targets(edits, by_name)
         for e in edits:
             if e.node not in by_name:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
@@ -224,6 +232,10 @@ class OnnxGraph(Frontend):
                 edit.bypass(self, by_name[e.node])
             elif isinstance(e, ReplaceWithChain):
                 edit.replace_with_chain(self, by_name[e.node], kinds[e.node], e.layers)
+            elif isinstance(e, SliceParam):
+                edit.slice_param(self, by_name[e.node], kinds[e.node], e.role, e.axis, e.keep)
+            elif isinstance(e, SetAttr):
+                edit.set_attr(self, by_name[e.node], e.name, e.value, computed.get(e.node))
             else:
                 raise TypeError(f"the ONNX frontend cannot apply {type(e).__name__}")
             touched.add(e.node)
@@ -232,6 +244,24 @@ class OnnxGraph(Frontend):
             self._version += 1
             self._cache.clear()
         return len(touched)
+
+    def _computed_reshape_targets(self, edits, by_name) -> dict[str, np.ndarray]:
+        """Values of Reshape targets built from constants by ops (Unsqueeze + Concat of Python
+        ints, as torch's exporter writes them without constant folding), read with one ORT run
+        before any edit so they can be rewritten as constants. Targets that depend on a Shape
+        op follow the pruned tensor at run time and are left alone."""
+        wanted = {}
+        for e in edits:
+            if isinstance(e, SetAttr) and e.name == "shape" and e.node in by_name:
+                target = by_name[e.node].inputs[1]
+                if not isinstance(target, gs.Constant) and _static(target, self.graph):
+                    wanted[e.node] = target.name
+        if not wanted:
+            return {}
+        from graphslim.verify import make_inputs
+
+        got = self.capture(make_inputs(self.input_specs()), sorted(set(wanted.values())))
+        return {node: np.asarray(got[name]) for node, name in wanted.items()}
 
     def fresh(self, base: str) -> str:
         """A tensor / node name not yet used in the graph."""
@@ -410,6 +440,24 @@ def _copy_without_graph(full: onnx.ModelProto, model: onnx.ModelProto) -> None:
     model.functions.extend(full.functions)
     model.graph.CopyFrom(graph)
     model.ir_version = max(model.ir_version, 4)
+
+
+def _static(t: gs.Tensor, graph: gs.Graph) -> bool:
+    """True if `t` is computed from constants only (no graph input, no Shape op upstream)."""
+    inputs = {id(i) for i in graph.inputs}
+    stack, seen = [t], set()
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen or isinstance(cur, gs.Constant):
+            continue
+        seen.add(id(cur))
+        if id(cur) in inputs or not cur.inputs:
+            return False
+        producer = cur.inputs[0]
+        if producer.op in ("Shape", "Size"):
+            return False
+        stack.extend(producer.inputs)
+    return True
 
 
 def _concrete(shape) -> bool:

@@ -129,3 +129,66 @@ def replace_uses(old: gs.Variable, new: gs.Tensor, skip: gs.Node | None = None) 
         for j, t in enumerate(user.inputs):
             if t is old:
                 user.inputs[j] = new
+
+
+def slice_param(m, g: gs.Node, node: Node, role: str, axis: int, keep: np.ndarray) -> None:
+    """Slice a constant; one shared with other nodes is copied first (ChannelDeps knows:
+    OnnxView.private_param_copies)."""
+    slot = ops.slot(g.op, role)
+    const = g.inputs[slot]
+    if not isinstance(const, gs.Constant):
+        raise ValueError(f"node '{g.name}': parameter '{role}' is not a constant")
+    if len(const.outputs) > 1:  # exporters share identical constants: slice a private copy
+        const = gs.Constant(m.fresh(const.name), np.asarray(const.values))
+        g.inputs[slot] = const
+    arr = np.asarray(const.values)
+    if node.kind is OpKind.LINEAR and role == "weight" and node.attrs.get("layout") == "in_out":
+        axis = 1 - axis
+    if node.kind is OpKind.LINEAR and role == "bias":
+        axis = int(np.argmax(arr.shape)) if arr.ndim else 0
+    const.values = np.ascontiguousarray(np.take(arr, np.asarray(keep, dtype=np.int64), axis=axis))
+
+
+def set_attr(m, g: gs.Node, name: str, value, computed: np.ndarray | None = None) -> None:
+    if name == "groups" and g.op in ("Conv", "ConvTranspose"):
+        g.attrs["group"] = int(value)
+    elif name == "num_groups" and g.op == "GroupNormalization":
+        g.attrs["num_groups"] = int(value)
+    elif name == "slice" and g.op == "Slice":
+        _, start, stop = value
+        for slot, v in ((1, start), (2, stop)):
+            g.inputs[slot] = gs.Constant(m.fresh(f"{g.name}.{'starts' if slot == 1 else 'ends'}"),
+                                         np.asarray([v], dtype=np.int64))
+    elif name == "shape" and g.op == "Reshape":
+        _set_reshape_sizes(m, g, value, computed)
+    elif name == "split" and g.op == "Split":
+        sizes = np.asarray(value, dtype=np.int64)
+        g.attrs.pop("num_outputs", None)
+        if m.opset >= 13:
+            g.attrs.pop("split", None)
+            const = gs.Constant(m.fresh(f"{g.name}.split"), sizes)
+            if len(g.inputs) > 1:
+                g.inputs[1] = const
+            else:
+                g.inputs.append(const)
+        else:
+            g.attrs["split"] = [int(s) for s in sizes]
+    else:
+        raise ValueError(f"node '{g.name}' ({g.op}) has no settable attribute '{name}'")
+
+
+def _set_reshape_sizes(m, g: gs.Node, sizes: dict, computed: np.ndarray | None) -> None:
+    """Rewrite a Reshape's target sizes on pruned axes; -1 and 0 entries adapt by themselves.
+    A target computed from constants comes in as `computed` and becomes a constant; one
+    computed from a Shape at run time follows the pruned tensor and stays."""
+    shape = g.inputs[1]
+    if isinstance(shape, gs.Constant):
+        target = np.asarray(shape.values).copy()
+    elif computed is not None:
+        target = np.asarray(computed).copy()
+    else:
+        return
+    for axis, size in sizes.items():
+        if target[axis] not in (-1, 0):
+            target[axis] = size
+    g.inputs[1] = gs.Constant(m.fresh(f"{g.name}.shape"), target.astype(np.int64))
