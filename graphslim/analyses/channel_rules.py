@@ -70,13 +70,13 @@ class Propagation:
             OpKind.TRANSPOSE: self.transpose, OpKind.REDUCE: self.reduce,
             OpKind.SOFTMAX: self.softmax, OpKind.MATMUL: self.matmul,
             OpKind.SHAPE: self.shape_op, OpKind.CONSTANT: self.constant,
-            OpKind.CONV_TRANSPOSE: self.conv_transpose,
+            OpKind.CONV_TRANSPOSE: self.conv_transpose, OpKind.ATTENTION: self.attention,
         }
         for kind in _ELEMENTWISE:
             rules[kind] = self.elementwise
         creates = (OpKind.CONV, OpKind.LINEAR, OpKind.CONV_TRANSPOSE, OpKind.CONSTANT)
         for node in self.view.nodes():
-            if node.kind not in creates and not any(
+            if node.kind not in creates and node.op not in ("Expand", "expand") and not any(
                     self.labels.get(v) is not None for v in node.inputs):
                 for v in node.outputs:
                     self.labels[v] = None
@@ -292,6 +292,38 @@ class Propagation:
             self.sites.append(ParamSite(node.name, "bias", 0, out_ids))
         self.set_out(node, Label((len(self.shape(node.output)) - 1,), out_ids))
 
+    def attention(self, node: Node) -> None:
+        """A self-attention module (fx nn.MultiheadAttention): q/k/v rows of the packed
+        in-projection as ids (3, heads, head_dim). heads=True: a unit is a whole head (its q, k
+        and v rows); else head dim j goes from every head, q and k together, v on its own."""
+        ins = self.data_inputs(node)
+        if not node.attrs.get("packed") or len(ins) != 1:
+            raise _Unsupported("only packed self-attention is modelled")
+        x = ins[0]
+        lab, rank = self.label(x), len(self.shape(x))
+        heads, inner = int(node.attrs["num_heads"]), int(node.attrs["inner_dim"])
+        if lab is not None:
+            if lab.axes != (rank - 1,):
+                raise _Unsupported(f"input label spans axes {lab.axes}")
+            self.sites.append(ParamSite(node.name, "in_proj_weight", 1, lab.ids, consumer=True))
+        qkv = self.uf.new((3, heads, inner // heads), f"{node.name}.qkv")
+        if self.heads:
+            self.uf.tie(qkv, 2)
+            self.uf.tie(qkv, 0)
+        else:
+            self.uf.unite(qkv[0], qkv[1])
+            self.uf.tie(qkv[0], 0)
+            self.uf.tie(qkv[2], 0)
+        out = self.uf.new(int(node.attrs["out_dim"]), node.name)
+        self.sites += [ParamSite(node.name, "in_proj_weight", 0, qkv.ravel()),
+                       ParamSite(node.name, "out_proj.weight", 1, qkv[2].ravel(), consumer=True),
+                       ParamSite(node.name, "out_proj.weight", 0, out),
+                       GroupCountSite(node.name, "num_heads", qkv[2])]
+        for role, ids in (("in_proj_bias", qkv.ravel()), ("out_proj.bias", out)):
+            if role in node.params:
+                self.sites.append(ParamSite(node.name, role, 0, ids))
+        self.labels[node.output] = _Pieces([Label((rank - 1,), out), None])
+
     # --- rules: norms ----------------------------------------------------------------------------
     def channel_norm(self, node: Node) -> None:
         lab = self.label(node.inputs[0])
@@ -346,6 +378,9 @@ class Propagation:
 
     # --- rules: elementwise, concat, split, slice -----------------------------------------------
     def elementwise(self, node: Node) -> None:
+        if node.op in ("Expand", "expand"):
+            self.expand(node)
+            return
         out = node.output
         if out not in self.shapes:
             raise _Unsupported("output is not a tensor")
@@ -424,6 +459,10 @@ class Propagation:
         in_shape, out_shape = self.shape(src), self.shape(node.output)
         if node.op == "Slice" and len(lab.axes) == 1 and self.range_slice(node, lab, in_shape):
             return
+        picked = self.scalar_index(node, lab, in_shape)
+        if picked is not None:
+            self.set_out(node, picked)
+            return
         if "args" in node.attrs:
             mapping = _getitem_axes(node.attrs["args"][0], in_shape)
         else:
@@ -434,6 +473,42 @@ class Propagation:
         if any(out_shape[b] != in_shape[a] for a, b in zip(lab.axes, axes)):
             raise _Unsupported("slices a pruned axis")
         self.set_out(node, Label(axes, lab.ids))
+
+    def scalar_index(self, node: Node, lab: Label, in_shape: tuple) -> Label | None:
+        """x[i] on a labelled axis (q = qkv[0] after a packed in-projection): the axis must keep
+        its size, so units are tied along it, and the label drops that axis."""
+        if node.op == "Gather" and "in1" in node.params:
+            idx = self.view.param(node.name, "in1")
+            axis = int(node.attrs.get("axis", 0)) % len(in_shape)
+            if idx.ndim != 0:
+                return None
+            index = int(idx)
+        elif node.op == "getitem" and isinstance(node.attrs.get("args", (None,))[0], int):
+            axis, index = 0, node.attrs["args"][0]
+        else:
+            return None
+        if axis not in lab.axes or len(lab.axes) < 2:
+            return None
+        pos = lab.axes.index(axis)
+        self.uf.tie(lab.ids, pos)
+        axes = tuple(a - (a > axis) for a in lab.axes if a != axis)
+        return Label(axes, lab.ids.take(index % in_shape[axis], axis=pos))
+
+    def expand(self, node: Node) -> None:
+        """Expand / expand: a broadcast of its data operand; a constant stays a sliceable
+        constant (ViT's class token, expanded to the batch, then concatenated)."""
+        ops = self.operands(node)
+        shape, lab, const = ops[0]
+        out = self.shape(node.output)
+        if lab is not None:
+            o = self.align(shape, lab, len(out), None)
+            if any(o.shape[a] != out[a] for a in o.label.axes):
+                raise _Unsupported("expands a pruned axis")
+            self.set_out(node, o.label)
+            return
+        if const is not None and len(out) == len(shape):
+            self.const_of[node.output] = const
+        self.set_out(node, None)
 
     def range_slice(self, node: Node, lab: Label, in_shape: tuple) -> bool:
         """An ONNX Slice taking a contiguous range of the pruned axis (a chunk exported as

@@ -88,12 +88,15 @@ def _attention_macs(node: Node, in_shapes: list) -> int:
     if not (_known(q) and _known(k)):
         return 0
     e = node.attrs["embed_dim"]
+    inner = node.attrs.get("inner_dim", e)  # pruned attention: q/k/v width apart from e
+    out = node.attrs.get("out_dim", e)
     if node.attrs.get("batch_first"):
         n, length, s = q[0], q[1], k[1]
     else:
         length, n, s = q[0], q[1], k[0]
     kdim, vdim = node.attrs.get("kdim", e), node.attrs.get("vdim", e)
-    return n * (length * e * e + s * kdim * e + s * vdim * e + 2 * length * s * e + length * e * e)
+    return n * (length * e * inner + s * kdim * inner + s * vdim * inner
+                + 2 * length * s * inner + length * inner * out)
 
 
 def _is_param(view: GraphView, node: Node, role: str) -> bool:

@@ -282,8 +282,9 @@ class FxGraph(Frontend):
         _set_submodule(self.gm, n.target, chain)
 
     def _set_param(self, n: fx.Node, node: Node, role: str, value: np.ndarray) -> None:
-        mod = self.gm.get_submodule(n.target)
         attr = ops.ROLE_ATTRS.get(node.kind, {}).get(role, role)
+        sub, _, attr = attr.rpartition(".")  # out_proj.weight of an attention module
+        mod = self.gm.get_submodule(f"{n.target}.{sub}" if sub else n.target)
         old = getattr(mod, attr, None)
         ref = old if isinstance(old, torch.Tensor) else mod.weight
         new = torch.as_tensor(np.ascontiguousarray(value)).to(dtype=ref.dtype, device=ref.device)

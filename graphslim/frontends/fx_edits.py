@@ -17,15 +17,19 @@ from torch import fx, nn
 
 from graphslim.edits import SetAttr, SliceParam
 from graphslim.frontends import fx_ops as ops
+from graphslim.frontends.fx_modules import SlimMultiheadAttention
 from graphslim.ir import Node
 
 log = logging.getLogger(__name__)
 
 
 def apply_structural(m, n: fx.Node, node: Node, e: SliceParam | SetAttr) -> None:
+    if n.op == "call_module" and isinstance(m.gm.get_submodule(n.target), nn.MultiheadAttention):
+        _swap_module(m, n.target, SlimMultiheadAttention.from_torch(
+            m.gm.get_submodule(n.target)))
     if isinstance(e, SliceParam):
         _slice_param(m, n, node, e)
-    elif e.name in ("groups", "num_groups") and n.op == "call_module":
+    elif e.name in ("groups", "num_groups", "num_heads") and n.op == "call_module":
         setattr(m.gm.get_submodule(n.target), e.name, int(e.value))
     elif e.name == "shape" and n.op in ("call_method", "call_function"):
         if _set_reshape_sizes(n, e.value):
@@ -43,8 +47,9 @@ def apply_structural(m, n: fx.Node, node: Node, e: SliceParam | SetAttr) -> None
 def _slice_param(m, n: fx.Node, node: Node, e: SliceParam) -> None:
     keep = torch.as_tensor(np.asarray(e.keep, dtype=np.int64))
     if n.op == "call_module":
-        owners = [m.gm.get_submodule(n.target)]
         attr = ops.ROLE_ATTRS.get(node.kind, {}).get(e.role, e.role)
+        sub, _, attr = attr.rpartition(".")  # out_proj.weight of an attention module
+        owners = [m.gm.get_submodule(f"{n.target}.{sub}" if sub else n.target)]
     elif n.op == "get_attr":
         path, _, attr = n.target.rpartition(".")
         owners = [root.get_submodule(path) if path else root for root in (m.module, m.gm)]
@@ -86,6 +91,8 @@ def sync_modules(m, touched: list[fx.Node]) -> None:
             mod.num_channels = mod.weight.shape[0]
         elif isinstance(mod, nn.PReLU):
             mod.num_parameters = mod.weight.shape[0]
+        elif isinstance(mod, SlimMultiheadAttention):
+            mod.sync()
 
 
 def _set_reshape_sizes(n: fx.Node, sizes: dict) -> bool:
@@ -106,6 +113,14 @@ def _set_reshape_sizes(n: fx.Node, sizes: dict) -> bool:
 def _still_even_chunks(n: fx.Node, sizes) -> bool:
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     return name == "chunk" and len(set(sizes)) == 1 and n.args[1] == len(sizes)
+
+
+def _swap_module(m, target: str, new: nn.Module) -> None:
+    for root in dict.fromkeys((m.module, m.gm)):
+        parent_name, _, attr = target.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, new)
+    log.info("fx: '%s' became a %s", target, type(new).__name__)
 
 
 def _become_graph_module(m, why: str) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from graphslim.edits import Layer
+from graphslim.frontends.fx_modules import SlimMultiheadAttention
 from graphslim.ir import OpKind
 
 MODULE_KINDS: list[tuple[type, OpKind]] = [
@@ -17,7 +18,7 @@ MODULE_KINDS: list[tuple[type, OpKind]] = [
     (nn.modules.batchnorm._BatchNorm, OpKind.BATCHNORM),
     (nn.LayerNorm, OpKind.LAYERNORM), (nn.GroupNorm, OpKind.GROUPNORM),
     (nn.modules.instancenorm._InstanceNorm, OpKind.INSTANCENORM),
-    (nn.MultiheadAttention, OpKind.ATTENTION),
+    (nn.MultiheadAttention, OpKind.ATTENTION), (SlimMultiheadAttention, OpKind.ATTENTION),
     (nn.modules.pooling._AvgPoolNd, OpKind.POOL_AVG),
     (nn.modules.pooling._MaxPoolNd, OpKind.POOL_MAX),
     (nn.modules.pooling._AdaptiveAvgPoolNd, OpKind.POOL_AVG),
@@ -43,7 +44,8 @@ FUNCTION_KINDS = {
     "max_pool2d": OpKind.POOL_MAX, "dropout": OpKind.IDENTITY, "contiguous": OpKind.IDENTITY,
     "matmul": OpKind.MATMUL, "bmm": OpKind.MATMUL, "layer_norm": OpKind.LAYERNORM,
     "mean": OpKind.REDUCE, "chunk": OpKind.SPLIT, "split": OpKind.SPLIT,
-    "getitem": OpKind.SLICE, "size": OpKind.SHAPE, "getattr": OpKind.SHAPE, "pad": OpKind.PAD,
+    "getitem": OpKind.SLICE, "size": OpKind.SHAPE, "getattr": OpKind.SHAPE, "dim": OpKind.SHAPE,
+    "pad": OpKind.PAD,
     "interpolate": OpKind.RESIZE, "linear": OpKind.MATMUL, "einsum": OpKind.MATMUL,
     "stochastic_depth": OpKind.ELEMENTWISE, "unflatten": OpKind.RESHAPE,
     "squeeze": OpKind.RESHAPE, "unsqueeze": OpKind.RESHAPE, "expand": OpKind.ELEMENTWISE,
@@ -152,8 +154,14 @@ def module_attrs(mod: nn.Module, kind: OpKind) -> dict:
                 "count_include_pad": int(getattr(mod, "count_include_pad", True)),
                 "divisor_override": getattr(mod, "divisor_override", None)}
     if kind is OpKind.ATTENTION:
+        inner = mod.in_proj_weight.shape[0] // 3 if mod.in_proj_weight is not None else \
+            mod.embed_dim
         return {"embed_dim": mod.embed_dim, "num_heads": mod.num_heads,
-                "kdim": mod.kdim, "vdim": mod.vdim, "batch_first": mod.batch_first}
+                "kdim": getattr(mod, "kdim", mod.embed_dim),
+                "vdim": getattr(mod, "vdim", mod.embed_dim), "batch_first": mod.batch_first,
+                "inner_dim": inner, "out_dim": mod.out_proj.out_features,
+                "packed": mod.in_proj_weight is not None and mod.bias_k is None
+                if isinstance(mod, nn.MultiheadAttention) else True}
     if kind is OpKind.ACTIVATION:
         return {"fn": type(mod).__name__}
     if kind is OpKind.LAYERNORM:  # torchvision's LayerNorm2d normalizes NCHW over channels

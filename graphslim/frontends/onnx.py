@@ -245,23 +245,44 @@ class OnnxGraph(Frontend):
             self._cache.clear()
         return len(touched)
 
-    def _computed_reshape_targets(self, edits, by_name) -> dict[str, np.ndarray]:
-        """Values of Reshape targets built from constants by ops (Unsqueeze + Concat of Python
-        ints, as torch's exporter writes them without constant folding), read with one ORT run
-        before any edit so they can be rewritten as constants. Targets that depend on a Shape
-        op follow the pruned tensor at run time and are left alone."""
-        wanted = {}
+    def _computed_reshape_targets(self, edits, by_name) -> dict[str, tuple]:
+        """Reshape targets that are computed, not constants, read with one ORT run before any
+        edit: ("static", value) for a target built from constants only (Unsqueeze + Concat of
+        Python ints, as torch's exporter writes them without constant folding); ("concat",
+        [(piece, value, static)]) for a Concat mixing run-time sizes (from Shape) with
+        constants (unflatten's (3, E)). Static parts get rewritten; run-time parts follow the
+        pruned tensor by themselves."""
+        wanted: dict[str, list] = {}
         for e in edits:
-            if isinstance(e, SetAttr) and e.name == "shape" and e.node in by_name:
-                target = by_name[e.node].inputs[1]
-                if not isinstance(target, gs.Constant) and _static(target, self.graph):
-                    wanted[e.node] = target.name
+            if not (isinstance(e, SetAttr) and e.name == "shape" and e.node in by_name):
+                continue
+            target = by_name[e.node].inputs[1]
+            if isinstance(target, gs.Constant):
+                continue
+            if _static(target, self.graph):
+                wanted[e.node] = [target]
+            elif target.inputs and target.inputs[0].op == "Concat":
+                wanted[e.node] = list(target.inputs[0].inputs)
+        names = sorted({t.name for ts in wanted.values() for t in ts
+                        if not isinstance(t, gs.Constant)})
         if not wanted:
             return {}
         from graphslim.verify import make_inputs
 
-        got = self.capture(make_inputs(self.input_specs()), sorted(set(wanted.values())))
-        return {node: np.asarray(got[name]) for node, name in wanted.items()}
+        got = self.capture(make_inputs(self.input_specs()), names) if names else {}
+
+        def value(t):
+            return np.asarray(t.values if isinstance(t, gs.Constant) else got[t.name])
+
+        out = {}
+        for node, ts in wanted.items():
+            if by_name[node].inputs[1] is ts[0] and len(ts) == 1:
+                out[node] = ("static", value(ts[0]))
+            else:
+                out[node] = ("concat", [(t, value(t).reshape(-1),
+                                         isinstance(t, gs.Constant) or _static(t, self.graph))
+                                        for t in ts])
+        return out
 
     def fresh(self, base: str) -> str:
         """A tensor / node name not yet used in the graph."""

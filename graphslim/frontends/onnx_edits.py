@@ -177,18 +177,38 @@ def set_attr(m, g: gs.Node, name: str, value, computed: np.ndarray | None = None
         raise ValueError(f"node '{g.name}' ({g.op}) has no settable attribute '{name}'")
 
 
-def _set_reshape_sizes(m, g: gs.Node, sizes: dict, computed: np.ndarray | None) -> None:
+def _set_reshape_sizes(m, g: gs.Node, sizes: dict, computed: tuple | None) -> None:
     """Rewrite a Reshape's target sizes on pruned axes; -1 and 0 entries adapt by themselves.
-    A target computed from constants comes in as `computed` and becomes a constant; one
-    computed from a Shape at run time follows the pruned tensor and stays."""
+    A computed target (see OnnxGraph._computed_reshape_targets) has its static parts rewritten,
+    and so has a one-element run-time part giving a pruned axis (swin's C // heads is computed
+    from the unpruned input's Shape: it would not follow); pruned axes are channel axes, never
+    the batch, so fixing them keeps dynamic batch sizes dynamic."""
     shape = g.inputs[1]
     if isinstance(shape, gs.Constant):
         target = np.asarray(shape.values).copy()
+    elif computed is not None and computed[0] == "static":
+        target = np.asarray(computed[1]).copy()
     elif computed is not None:
-        target = np.asarray(computed).copy()
+        _set_concat_sizes(m, shape.inputs[0], computed[1], sizes)
+        return
     else:
         return
     for axis, size in sizes.items():
         if target[axis] not in (-1, 0):
             target[axis] = size
     g.inputs[1] = gs.Constant(m.fresh(f"{g.name}.shape"), target.astype(np.int64))
+
+
+def _set_concat_sizes(m, concat: gs.Node, pieces: list, sizes: dict) -> None:
+    offsets = np.cumsum([0] + [len(v) for _, v, _ in pieces])
+    for axis, size in sizes.items():
+        i = int(np.searchsorted(offsets, axis, side="right")) - 1
+        tensor, values, static = pieces[i]
+        j = axis - offsets[i]
+        if values[j] in (-1, 0) or values[j] == size or (not static and len(values) != 1):
+            continue  # a one-element run-time size of a pruned (never batch) axis: now fixed
+        values = values.copy()
+        values[j] = size
+        pieces[i] = (tensor, values, static)
+        concat.inputs[i] = gs.Constant(m.fresh(f"{concat.name}.size{i}"),
+                                       values.astype(np.int64))

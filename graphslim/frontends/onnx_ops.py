@@ -27,7 +27,7 @@ SIMPLE_KINDS = {
 ACTIVATIONS = {"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
                 "Gelu", "Clip", "Softplus", "Mish", "PRelu", "Celu", "ThresholdedRelu", "Swish"}
 ELEMENTWISE = {"Erf", "Sqrt", "Pow", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Cast", "Floor",
-                "Ceil", "Round", "Sin", "Cos", "Where", "Max", "Min", "Equal", "Not"}
+                "Ceil", "Round", "Sin", "Cos", "Where", "Max", "Min", "Equal", "Not", "Expand"}
 ROLES = {
     "Conv": ("x", "weight", "bias"), "ConvTranspose": ("x", "weight", "bias"),
     "Gemm": ("x", "weight", "bias"), "MatMul": ("x", "weight"),
