@@ -63,3 +63,57 @@ class LayerInputGram(Analysis):
                 grams[n.name] = grams.get(n.name, 0.0) + x.T @ x
                 rows[n.name] = rows.get(n.name, 0) + len(x)
         return {k: Gram(g, rows[k], synthetic) for k, g in grams.items()}
+
+
+@dataclass(frozen=True)
+class Saliency:
+    """Per parameter key, w * dL/dw with one row per chunk of the data (fx), or per node, the
+    mean |x| of each input channel of a conv / linear (ONNX proxy); `kind` says which."""
+
+    kind: str                       # "taylor" | "activation"
+    values: dict[str, np.ndarray]
+    synthetic: bool
+    loss: str
+
+
+class TaylorSaliency(Analysis):
+    """First-order Taylor terms for channel importance (Molchanov et al. 2017). The fx frontend
+    backpropagates the loss (cross-entropy against data["labels"] when given, else the output's
+    squared norm, stated in `loss`); frontends without gradients (ONNX) give the mean absolute
+    input activation per channel of every conv / linear instead, an activation proxy."""
+
+    name = "taylor-saliency"
+
+    @classmethod
+    def compute(cls, am: AnalysisManager) -> Saliency:
+        specs = am.model.input_specs()
+        synthetic = am.data is None
+        if synthetic:
+            log.warning("no data given: taylor saliency comes from synthetic inputs")
+            from graphslim.verify import make_inputs
+            source = make_inputs(specs)
+        else:
+            source = am.data
+        labels = None if synthetic else source.get(data_mod.LABELS)
+        if hasattr(am.model, "weight_gradient_products"):
+            feeds = list(data_mod.batches(source, specs))
+            values, loss = am.model.weight_gradient_products(feeds, labels)
+            return Saliency("taylor", values, synthetic, loss)
+        return Saliency("activation", _mean_abs_inputs(am, source, specs), synthetic,
+                        "none (activation proxy)")
+
+
+def _mean_abs_inputs(am: AnalysisManager, source, specs) -> dict[str, np.ndarray]:
+    nodes = [n for n in am.view.nodes() if n.kind in (OpKind.CONV, OpKind.LINEAR) and n.inputs]
+    values = sorted({n.inputs[0] for n in nodes})
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for feeds in data_mod.batches(source, specs):
+        acts = am.model.capture(feeds, values)
+        count += 1
+        for n in nodes:
+            x = np.abs(np.asarray(acts[n.inputs[0]], np.float64))
+            axis = 1 if n.kind is OpKind.CONV else x.ndim - 1
+            per = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).mean(1)
+            sums[n.name] = sums.get(n.name, 0.0) + per
+    return {k: v / max(count, 1) for k, v in sums.items()}

@@ -55,6 +55,7 @@ class Propagation:
         self.blocked: list = []
         self.inexact: list = []
         self.rectangles: list[np.ndarray] = []
+        self.inexact_if_varying: list = []
 
     # --- driver ------------------------------------------------------------------------------
     def run(self) -> ChannelDeps:
@@ -96,7 +97,7 @@ class Propagation:
                 self.block(lab.ids, "model outputs keep their shape")
         self.merge_shared_sites()
         return ChannelDeps(self.uf, self.sites, self.blocked, self.inexact, self.rectangles,
-                           self.heads)
+                           self.heads, self.inexact_if_varying)
 
     def merge_shared_sites(self) -> None:
         """One ParamSite per stored tensor and axis: a weight read by several nodes (a module
@@ -295,7 +296,8 @@ class Propagation:
     def attention(self, node: Node) -> None:
         """A self-attention module (fx nn.MultiheadAttention): q/k/v rows of the packed
         in-projection as ids (3, heads, head_dim). heads=True: a unit is a whole head (its q, k
-        and v rows); else head dim j goes from every head, q and k together, v on its own."""
+        and v rows); else head dim j of q, k and v goes from every head (the packed projection
+        keeps one width for the three)."""
         ins = self.data_inputs(node)
         if not node.attrs.get("packed") or len(ins) != 1:
             raise _Unsupported("only packed self-attention is modelled")
@@ -310,10 +312,10 @@ class Propagation:
         if self.heads:
             self.uf.tie(qkv, 2)
             self.uf.tie(qkv, 0)
-        else:
+        else:  # packed q/k/v keep one width: dim j of q, k and v goes together
             self.uf.unite(qkv[0], qkv[1])
+            self.uf.unite(qkv[0], qkv[2])
             self.uf.tie(qkv[0], 0)
-            self.uf.tie(qkv[2], 0)
         out = self.uf.new(int(node.attrs["out_dim"]), node.name)
         self.sites += [ParamSite(node.name, "in_proj_weight", 0, qkv.ravel()),
                        ParamSite(node.name, "out_proj.weight", 1, qkv[2].ravel(), consumer=True),
@@ -629,6 +631,8 @@ class Propagation:
 
     def shape_op(self, node: Node) -> None:
         if node.op in _SHAPE_OPS:
+            if node.op == "Shape":
+                self.shape_feeds_float(node)
             for v in node.outputs:
                 self.labels[v] = None
             return
@@ -636,6 +640,29 @@ class Propagation:
             self.slice(node)
             return
         self.block_inputs(node, f"{node.name}: {node.op} on pruned channels")
+
+    def shape_feeds_float(self, node: Node) -> None:
+        """A pruned size read by Shape that flows into float math (sdpa's exported scale
+        1/sqrt(head_dim)) changes values, not just shapes: the units that shrink that axis
+        are inexact. Reshape targets, the usual reader, are int-only and fine."""
+        lab = self.labels.get(node.inputs[0])
+        if not isinstance(lab, Label) or not _reaches_float(self.view, node.output):
+            return
+        rank = len(self.shape(node.inputs[0]))
+        picked: set[int] = set()
+        for u in self.view.users(node.output):
+            if u.op == "Gather" and "in1" in u.params:
+                picked |= {int(i) % rank for i in np.ravel(self.view.param(u.name, "in1"))}
+            elif u.op == "Slice" and "in1" in u.params and "in2" in u.params:
+                lo, hi = (int(np.ravel(self.view.param(u.name, r))[0]) for r in ("in1", "in2"))
+                picked |= set(range(rank)[slice(lo, hi)])
+            else:
+                picked = set(range(rank))
+                break
+        for a in picked & set(lab.axes):
+            self.inexact_if_varying.append(
+                (lab.ids, lab.axes.index(a), f"{node.name}: the pruned size feeds float math "
+                                             "(e.g. an attention scale 1/sqrt(head_dim))"))
 
     def constant(self, node: Node) -> None:
         if "value" in node.params:
@@ -680,6 +707,21 @@ def _slice_ranges(view: GraphView, shapes: dict, node: Node, axis: int, in_shape
     else:
         return None
     return start, start + size, not (1 in consts and 2 in consts)
+
+
+def _reaches_float(view: GraphView, value: str, depth: int = 8) -> bool:
+    """Does an integer shape value flow into float arithmetic (Cast to float, Sqrt)?"""
+    frontier = [value]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for u in view.users(v):
+                if u.op == "Sqrt" or (u.op == "Cast" and u.attrs.get("to") in (1, 10, 11, 16)):
+                    return True
+                if u.op != "Reshape":
+                    nxt.extend(u.outputs)
+        frontier = nxt
+    return False
 
 
 def _fill_gap(found: dict, siblings: list, shapes: dict, axis: int, n: int) -> None:

@@ -172,10 +172,14 @@ class ChannelDeps:
     """The result: groups, sites and the id -> unit map. Build with `build_channel_deps`."""
 
     def __init__(self, uf: _UnionFind, sites: list, blocked: list, inexact: list,
-                 rectangles: list, heads: bool):
+                 rectangles: list, heads: bool, inexact_if_varying: list = ()):
         self.sites = sites
         _enforce_rectangles(uf, rectangles, heads)
         self.root = uf.roots()
+        inexact = list(inexact)
+        for ids, axis, reason in inexact_if_varying:  # does that axis shrink?
+            if not _constant_along(self.root[ids], axis):
+                inexact.append((ids, reason))
         self.space_names = uf.space_names
         self.groups = _make_groups(uf, self.root, blocked, inexact)
         self._group_of_unit = {int(u): g.index for g in self.groups for u in g.units}

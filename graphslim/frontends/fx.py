@@ -365,6 +365,40 @@ class FxGraph(Frontend):
             self.infer_shapes()
         return self._cache["opaque_macs"]
 
+    def weight_gradient_products(self, feeds: list[dict], labels=None, chunks: int = 16
+                                 ) -> tuple[dict[str, np.ndarray], str]:
+        """w * dL/dw for every floating parameter, keyed like the view's parameter keys
+        (module path + attribute), one row per chunk of consecutive batches (at most `chunks`),
+        so a caller can square per-chunk sums as Molchanov et al. 2019 do (a full-data gradient
+        of a trained model is near zero and mostly noise). Loss: cross-entropy against `labels`
+        (one per sample) when given, else half the squared norm of the outputs. Eval mode: BN
+        statistics are neither used from the batch nor updated."""
+        params = dict(self.module.named_parameters())
+        per_chunk = max(1, -(-len(feeds) // chunks))
+        rows: dict[str, list] = {k: [] for k in params}
+        grads = {k: torch.zeros_like(p) for k, p in params.items()}
+        start, kind = 0, "cross-entropy" if labels is not None else "0.5 |output|^2 (no labels)"
+        with _eval_mode(self.module), torch.enable_grad():
+            for i, feed in enumerate(feeds):
+                args = [torch.as_tensor(feed[s.name]) for s in self.input_specs()]
+                out = _flatten(self.module(*args))[0]
+                if labels is not None:
+                    target = torch.as_tensor(np.asarray(labels)[start:start + len(out)])
+                    loss = torch.nn.functional.cross_entropy(out, target.long(),
+                                                             reduction="sum")
+                else:
+                    loss = 0.5 * out.pow(2).sum()
+                start += len(out)
+                got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for (k, _), g in zip(params.items(), got):
+                    if g is not None:
+                        grads[k] += g
+                if (i + 1) % per_chunk == 0 or i == len(feeds) - 1:
+                    for k, g in grads.items():
+                        rows[k].append((params[k].detach() * g).cpu().numpy())
+                        g.zero_()
+        return {k: np.stack(v) for k, v in rows.items()}, kind
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for t in [*self.module.parameters(), *self.module.buffers()])
