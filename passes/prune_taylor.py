@@ -11,8 +11,6 @@ say which was used and on what data.
 
 from __future__ import annotations
 
-import numpy as np
-
 from graphslim.analyses.activations import TaylorSaliency
 from graphslim.analyses.channels import ChannelDeps, ParamSite
 from graphslim.ir import GraphView, OpKind
