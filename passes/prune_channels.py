@@ -143,6 +143,7 @@ class PruneChannels(Pass):
             removed = self._select(groups, scores, self.ratio)
         else:
             removed = self._budget(view, deps, analyses, groups, scores, plan)
+        removed = _keep_pieces_alive(deps, removed, scores, plan)
         plan.edits.extend(pruning_edits(deps, removed))
         self._record(plan, deps, groups, removed)
         return plan
@@ -278,6 +279,27 @@ class PruneChannels(Pass):
                                      "inexact": bool(g.inexact)})
         plan.stats["groups_prunable"] = len(deps.prunable)
         plan.stats["groups_blocked"] = len(deps.groups) - len(deps.prunable)
+
+
+def _keep_pieces_alive(deps: ChannelDeps, removed: np.ndarray, scores: dict, plan: Plan
+                       ) -> np.ndarray:
+    """A split or slice piece may not lose every channel: give back its best unit."""
+    gone = set(np.asarray(removed).tolist())
+    for site in deps.sites:
+        if isinstance(site, SplitSite):
+            pieces = site.pieces
+        elif isinstance(site, SliceSite):
+            pieces = (site.ids[site.start:site.stop],)
+        else:
+            continue
+        for piece in pieces:
+            units = np.unique(deps.units_of(piece)).tolist()
+            if units and all(u in gone for u in units):
+                best = max(units, key=lambda u: scores.get(u, 0.0))
+                gone.discard(best)
+                plan.notes.append(f"kept one unit of '{site.node}' so no piece is empty "
+                                  "(its channel count may leave the round-to multiple)")
+    return np.asarray(sorted(gone), dtype=np.int64)
 
 
 def _cost_terms(view: GraphView, deps: ChannelDeps, cost, metric: str) -> list:

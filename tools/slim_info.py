@@ -1,6 +1,9 @@
-"""slim-info: ops, parameters and MACs per layer of an ONNX file.
+"""slim-info: ops, parameters and MACs per layer of an ONNX file, and its channel groups.
 
-    slim-info model.onnx [--input-shape x:1,3,224,224] [--layers 20] [--json FILE]
+    slim-info model.onnx [--input-shape x:1,3,224,224] [--layers 20] [--groups] [--json FILE]
+
+The channel-group summary (ChannelDeps, what prune-channels sees) counts prunable, inexact and
+blocked groups and says what blocks them; --groups lists every group.
 """
 
 from __future__ import annotations
@@ -8,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 
 from graphslim.analyses import AnalysisManager
+from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.analyses.cost import Cost
 from graphslim.report import format_rows, human
 from tools._common import EXIT_OK, add_input_shape_arg, load_model, run_tool, setup_logging
@@ -20,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("input", help="ONNX file")
     add_input_shape_arg(p)
     p.add_argument("--layers", type=int, default=15, help="show the N costliest layers (0: all)")
+    p.add_argument("--groups", action="store_true",
+                   help="list every channel group (size, where it lives, what blocks it)")
     p.add_argument("--json", metavar="FILE", help="write per-layer costs as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -49,11 +56,31 @@ def _run(args) -> int:
         rows.append((n.name, n.op, n.kind.value, human(c.params), human(c.macs), f"{share:.1f}",
                      human(c.bytes, "B")))
     print("\n" + format_rows(rows))
+    deps = AnalysisManager(model).get(ChannelDepsAnalysis)
+    _print_groups(deps, args.groups)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({n.name: {"op": n.op, **vars(cost.per_node[n.name])}
                        for n in view.nodes()}, f, indent=1)
     return EXIT_OK
+
+
+def _print_groups(deps, every: bool) -> None:
+    s = deps.summary()
+    blocked = [g for g in deps.groups if not g.prunable]
+    print(f"\nchannel groups: {s['groups']} ({s['prunable']} prunable with {s['channels']} "
+          f"units, {s['inexact']} inexact, {len(blocked)} blocked)")
+    reasons = Counter(r.split(": ", 1)[-1] for g in blocked for r in g.blocked[:1])
+    for reason, n in reasons.most_common(8):
+        print(f"  blocked x{n}: {reason}")
+    if every:
+        rows = [("group", "units", "lives in", "status")]
+        for g in deps.groups:
+            status = "blocked: " + g.blocked[0] if g.blocked else \
+                "inexact: " + g.inexact[0] if g.inexact else "prunable"
+            more = f" +{len(g.spaces) - 2}" if len(g.spaces) > 2 else ""
+            rows.append((str(g.index), str(g.size), ", ".join(g.spaces[:2]) + more, status))
+        print("\n" + format_rows(rows))
 
 
 if __name__ == "__main__":

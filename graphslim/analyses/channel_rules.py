@@ -421,9 +421,6 @@ class Propagation:
             if lab.axes != (axis,):
                 raise _Unsupported(f"label spans axes {lab.axes}")
             labels = [Label((axis,), p) for p in np.split(lab.ids, np.cumsum(sizes)[:-1])]
-            if len(set(sizes)) == 1:  # even chunks stay even: no piece can empty, chunk(n) holds
-                for lb in labels[1:]:
-                    self.uf.unite(labels[0].ids, lb.ids)
             self.sites.append(SplitSite(node.name, axis, tuple(lb.ids for lb in labels)))
         if len(node.outputs) == len(sizes):
             for v, lb in zip(node.outputs, labels):
@@ -514,28 +511,19 @@ class Propagation:
 
     def range_slice(self, node: Node, lab: Label, in_shape: tuple) -> bool:
         """An ONNX Slice taking a contiguous range of the pruned axis (a chunk exported as
-        Slices): the range shrinks to the kept ids inside it (SliceSite). Sibling Slices that
-        cut the axis into equal pieces are united piece by piece, like an even chunk, so no
-        piece can empty and they stay even."""
+        Slices): the range shrinks to the kept ids inside it (SliceSite); bounds computed at
+        run time (C // 2) are rewritten as constants, since the pieces need not stay even.
+        Tying pieces position by position to keep them even collapsed ShuffleNet's streams
+        into one unit (the shuffles chain the ties), so they are not tied."""
         axis = lab.axes[0]
-        n = in_shape[axis]
         siblings = [u for u in self.view.users(node.inputs[0]) if u.op == "Slice"]
         found = {u.name: _slice_ranges(self.view, self.shapes, u, axis, in_shape)
                  for u in siblings}
-        _fill_gap(found, siblings, self.shapes, axis, n)
+        _fill_gap(found, siblings, self.shapes, axis, in_shape[axis])
         if found.get(node.name) is None:
             return False
-        start, stop, dynamic = found[node.name]
-        pieces = sorted(p[:2] for p in found.values() if p is not None)
-        even = bool(pieces) and pieces[0][0] == 0 and pieces[-1][1] == n and all(
-            a[1] == b[0] for a, b in zip(pieces, pieces[1:])) and \
-            len({b - a for a, b in pieces}) == 1
-        if even:
-            self.uf.unite(lab.ids[pieces[0][0]:pieces[0][1]], lab.ids[start:stop])
-        elif dynamic:
-            return False
-        if not dynamic:
-            self.sites.append(SliceSite(node.name, axis, lab.ids, start, stop))
+        start, stop, _ = found[node.name]
+        self.sites.append(SliceSite(node.name, axis, lab.ids, start, stop))
         self.set_out(node, Label((axis,), lab.ids[start:stop]))
         return True
 
