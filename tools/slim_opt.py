@@ -1,6 +1,11 @@
 """slim-opt: run a textual pass pipeline on an ONNX file (ONNX in, ONNX out).
 
     slim-opt in.onnx -o out.onnx -p 'fold-bn' [--input-shape x:1,3,224,224] [--verify each]
+             [--calib-data calib.npz]
+
+--calib-data: an .npz with one array per graph input, keyed by input name, samples first (an
+optional "labels" array for loss-based criteria); data-driven passes (taylor pruning, data-aware
+factorization) use it; without it they use synthetic inputs and say so.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ import argparse
 import json
 import os
 import sys
+
+import numpy as np
 
 import graphslim
 from graphslim.report import PrintIRAfter, format_rows
@@ -32,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=float, default=None,
                    help="fail (exit 1) if lossy passes exceed this relative L2 output error")
     p.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
+    p.add_argument("--calib-data", metavar="FILE.npz",
+                   help="calibration / importance data: one array per input name, samples first")
     p.add_argument("--print-ir-after", metavar="NAME|all", help="print the IR after a pass")
     p.add_argument("--stats", action="store_true", help="print each pass's statistics")
     p.add_argument("--timing", action="store_true", help="print time per pass")
@@ -68,13 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool("slim-opt", lambda: _run(args))
 
 
+def _calib_data(path: str, model) -> dict:
+    from graphslim.data import validate
+
+    try:
+        with np.load(path) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise graphslim.InputError(f"cannot read calibration data '{path}': {exc}") from None
+    validate(data, model.input_specs())
+    return data
+
+
 def _run(args) -> int:
     pipeline = graphslim.parse_pipeline(args.pipeline)
     model = load_model(args.input, args.input_shape)
     instruments = [PrintIRAfter(args.print_ir_after)] if args.print_ir_after else []
     pm = graphslim.PassManager(pipeline, verify=args.verify, max_error=args.max_error,
                                seed=args.seed, instruments=instruments, inplace=True)
-    result = pm.run(model, dry_run=args.dry_run)
+    data = _calib_data(args.calib_data, model) if args.calib_data else None
+    result = pm.run(model, data=data, dry_run=args.dry_run)
     report = result.report
     print(report.table())
     if args.stats:

@@ -573,6 +573,10 @@ class Propagation:
         if node.op not in _RESHAPES:
             raise _Unsupported("reshape with literal sizes graphslim does not rewrite")
         in_shape, out_shape = self.shape(x), self.shape(node.output)
+        if lab.ids.size == 1:  # a single channel: nothing to prune, and no axis to follow
+            self.block(lab.ids, f"{node.name}: reshapes a one-channel tensor")
+            self.set_out(node, None)
+            return
         out_axes, ids = _reshape_label(lab, in_shape, out_shape)
         out = _squeeze_constant(Label(out_axes, ids), self.uf)
         if node.op in ("Reshape", "view", "reshape"):
@@ -813,6 +817,8 @@ def _reshape_label(lab: Label, in_shape: tuple, out_shape: tuple) -> tuple[tuple
     ohi = min(j for j, v in enumerate(out_cp) if v == v_hi)
     if olo >= ohi:
         olo = min(j for j, v in enumerate(out_cp) if v == v_lo)
+    if olo >= ohi:
+        raise _Unsupported("no output axes carry the pruned channels")
     block = [in_shape[a] for a in range(lo, hi)]
     spread = lab.ids.reshape([in_shape[a] if a in lab.axes else 1 for a in range(lo, hi)])
     ids = np.broadcast_to(spread, block).reshape([out_shape[j] for j in range(olo, ohi)])
