@@ -40,12 +40,13 @@ def validate(data: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> int:
     return counts.pop()
 
 
-def batches(data: Mapping[str, np.ndarray], specs: list[TensorSpec]
+def batches(data: Mapping[str, np.ndarray], specs: list[TensorSpec], size: int | None = None
             ) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds of the specs' batch size (a last partial batch is dropped unless it is the only
-    one, in which case the model must accept its size)."""
+    """Feeds of `size` samples, by default the specs' batch size (a last partial batch is
+    dropped unless it is the only one, in which case the model must accept its size)."""
     n = validate(data, specs)
-    size = max(1, specs[0].shape[0]) if specs and specs[0].shape else 1
+    if size is None:
+        size = max(1, specs[0].shape[0]) if specs and specs[0].shape else 1
     stops = list(range(size, n + 1, size)) or [n]
     start = 0
     for stop in stops:

@@ -111,3 +111,16 @@ def session_runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]
     """A zero-argument callable running `sess` on fixed feeds, for measure()/compare()."""
     names = [o.name for o in sess.get_outputs()]
     return lambda: sess.run(names, feeds)
+
+
+def cpu_channel_block() -> int:
+    """Channel block of ONNX Runtime's NCHWc CPU kernels on this machine (MLAS: 16 floats with
+    AVX-512, else 8): convs whose channel counts are multiples of it stay in the blocked layout
+    (FIELD-NOTES: off-multiple counts made pruned models slower than the original)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return 8
+    return 16 if " avx512f" in flags else 8
+

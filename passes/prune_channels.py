@@ -10,8 +10,10 @@ sizes and group counts.
 How much: `ratio` (fraction of each group's units, `scope=local`; or one ranking across groups,
 scores normalized by each group's mean, `scope=global`), or `target-macs` / `target-params` (a
 fraction of the original; the ratio is bisected on a cost estimate, the result measured). Kept
-counts are rounded so every tensor keeps a multiple of `round-to` channels (ORT's blocked NCHWc
-kernels need multiples of 8: FIELD-NOTES), and at least `min-channels`.
+counts are rounded so every tensor keeps a multiple of `round-to` channels, at least
+`min-channels`. `round-to=0` (default) takes ONNX Runtime's NCHWc channel block on this CPU: 16
+with AVX-512, else 8 (FIELD-NOTES: off-multiple counts fall out of the blocked layout; measured
+here, mobilenet_v2 at ratio 0.5 ran 2.37x faster rounded to 8 and 2.78x rounded to 16).
 
 Criteria: `l1`, `l2` (weight slice norms, summed over the group's tensors), `bn-scale` (|gamma|
 of the group's BatchNorms, network slimming; groups without one fall back to l1, noted),
@@ -104,7 +106,7 @@ class PruneChannels(Pass):
     target_params: float = 0.0
     criterion: str = "l1"
     scope: str = "local"
-    round_to: int = 8
+    round_to: int = 0
     min_channels: int = 8
     exclude: tuple[str, ...] = ()
     heads: bool = False
@@ -126,8 +128,9 @@ class PruneChannels(Pass):
                              f"not '{self.criterion}'")
         if self.scope not in ("local", "global"):
             raise ValueError(f"scope must be local or global, not '{self.scope}'")
-        if self.round_to < 1 or self.min_channels < 1:
-            raise ValueError("round-to and min-channels must be >= 1")
+        if self.round_to < 0 or self.min_channels < 1:
+            raise ValueError("round-to must be >= 0 (0: this CPU's kernel block) and "
+                             "min-channels >= 1")
 
     # --- plan ----------------------------------------------------------------------------------
     def plan(self, view: GraphView, analyses) -> Plan:
@@ -138,11 +141,17 @@ class PruneChannels(Pass):
             if not groups:
                 plan.notes.append("no prunable channel group")
             return plan
+        base = self.round_to
+        if not base:
+            from graphslim.runtime import cpu_channel_block
+
+            base = cpu_channel_block()
+            plan.notes.append(f"round-to {base}: ONNX Runtime's NCHWc channel block on this CPU")
         scores = self._scores(view, deps, analyses, plan, groups)
         if self.ratio:
-            removed = self._select(groups, scores, self.ratio)
+            removed = self._select(groups, scores, self.ratio, base)
         else:
-            removed = self._budget(view, deps, analyses, groups, scores, plan)
+            removed = self._budget(view, deps, analyses, groups, scores, plan, base)
         removed = _keep_pieces_alive(deps, removed, scores, plan)
         plan.edits.extend(pruning_edits(deps, removed))
         self._record(plan, deps, groups, removed)
@@ -214,7 +223,8 @@ class PruneChannels(Pass):
         return scores
 
     # --- selection -----------------------------------------------------------------------------
-    def _select(self, groups: list[ChannelGroup], scores: dict, ratio: float) -> np.ndarray:
+    def _select(self, groups: list[ChannelGroup], scores: dict, ratio: float, base: int
+                ) -> np.ndarray:
         per_group = {}
         if self.scope == "global":
             pool = []
@@ -231,14 +241,14 @@ class PruneChannels(Pass):
         removed = []
         for g in groups:
             r = per_group.get(g.index, ratio) if self.scope == "global" else ratio
-            step = g.step(self.round_to)
+            step = g.step(base)
             min_unit = min(g.unit_sizes.values()) if g.unit_sizes else 1
             min_keep = -(-self.min_channels // max(1, min_unit))
             keep = pm.keep_count(g.size, r, step, min_keep)
             removed.append(pm.lowest(g.units, scores, g.size - keep))
         return np.concatenate(removed) if removed else np.zeros(0, dtype=np.int64)
 
-    def _budget(self, view, deps, analyses, groups, scores, plan: Plan) -> np.ndarray:
+    def _budget(self, view, deps, analyses, groups, scores, plan: Plan, base: int) -> np.ndarray:
         """Bisect the ratio until the estimated MACs / params meet the target."""
         cost = analyses.get(Cost)
         metric = "macs" if self.target_macs else "params"
@@ -252,13 +262,13 @@ class PruneChannels(Pass):
             return (total - saved) / max(total, 1)
 
         lo, hi = 0.0, 0.95
-        best = self._select(groups, scores, hi)
+        best = self._select(groups, scores, hi, base)
         if estimate(best) > target:
             raise ValueError(f"target-{metric}={target} cannot be met: pruning every prunable "
                             f"group at 0.95 leaves {estimate(best):.3f} of the {metric}")
         for _ in range(16):
             mid = (lo + hi) / 2
-            removed = self._select(groups, scores, mid)
+            removed = self._select(groups, scores, mid, base)
             if estimate(removed) <= target:
                 hi, best = mid, removed
             else:

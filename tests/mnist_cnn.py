@@ -3,6 +3,8 @@ measure accuracy retention after compression (train, compress, fine-tune briefly
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -54,9 +56,16 @@ def accuracy(model: nn.Module) -> float:
         return float((model.eval()(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
+_TRAINED = None
+
+
 def trained() -> nn.Module:
-    torch.manual_seed(0)
-    return train(build(), epochs=3)
+    """The CNN after 3 epochs (trained once per test session; each caller gets a copy)."""
+    global _TRAINED
+    if _TRAINED is None:
+        torch.manual_seed(0)
+        _TRAINED = train(build(), epochs=3)
+    return copy.deepcopy(_TRAINED)
 
 
 def example() -> torch.Tensor:

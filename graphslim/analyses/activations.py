@@ -96,7 +96,7 @@ class TaylorSaliency(Analysis):
             source = am.data
         labels = None if synthetic else source.get(data_mod.LABELS)
         if hasattr(am.model, "weight_gradient_products"):
-            feeds = list(data_mod.batches(source, specs))
+            feeds = list(data_mod.batches(source, specs, size=64))  # torch takes any batch
             values, loss = am.model.weight_gradient_products(feeds, labels)
             return Saliency("taylor", values, synthetic, loss)
         return Saliency("activation", _mean_abs_inputs(am, source, specs), synthetic,
