@@ -1,0 +1,470 @@
+"""ChannelDeps rules for ops that move, cut or join channels without weights: concat, split and
+slices (ONNX Slice chunks, fx getitem), reshapes (flatten into linear, head split, channel
+shuffle), transposes, reductions, softmax, Shape reads and constants. Mixed into Propagation
+(graphslim/analyses/channel_rules.py), whose helpers (label, shape, union, block...) they use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphslim.analyses.channels import Label, ShapeSite, SliceSite, SplitSite, _UnionFind
+from graphslim.ir import GraphView, Node
+
+_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "view", "reshape", "flatten",
+             "squeeze", "unsqueeze"}
+_SHAPE_OPS = {"Shape", "size", "getattr", "dim", "numel"}
+
+
+class _Unsupported(Exception):
+    pass
+
+
+@dataclass
+class _Pieces:
+    """The tuple output of an fx split/chunk, indexed by a following getitem."""
+
+    labels: list
+
+
+class LayoutRules:
+    """Rules without weights (see module doc)."""
+
+    def concat(self, node: Node) -> None:
+        rank = len(self.shape(node.output))
+        axis = int(node.attrs.get("axis", 0)) % rank
+        ops = [self.align(s, lab, rank, c) for s, lab, c in self.operands(node)]
+        if not any(o.label and axis in o.label.axes for o in ops):
+            self.set_out(node, self.union(node, ops, skip_axis=axis))
+            return
+        parts = []
+        for o in ops:
+            if o.label is not None and o.label.axes != (axis,):
+                raise _Unsupported(f"operand label spans axes {o.label.axes}")
+            if o.label is None:
+                ids = self.uf.new(o.shape[axis], f"{node.name}.fixed")
+                self.block(ids, f"{node.name}: concatenated with a tensor graphslim does "
+                                "not slice")
+                parts.append(ids)
+            else:
+                parts.append(o.label.ids)
+        self.set_out(node, Label((axis,), np.concatenate(parts)))
+
+    def split(self, node: Node) -> None:
+        x = node.inputs[0]
+        lab, rank = self.label(x), len(self.shape(x))
+        axis = int(node.attrs.get("axis", node.attrs.get("dim", 0))) % rank
+        sizes = self.split_sizes(node, rank, axis)
+        if lab is None or axis not in lab.axes:
+            labels = [lab] * len(sizes)
+        else:
+            if lab.axes != (axis,):
+                raise _Unsupported(f"label spans axes {lab.axes}")
+            labels = [Label((axis,), p) for p in np.split(lab.ids, np.cumsum(sizes)[:-1])]
+            self.sites.append(SplitSite(node.name, axis, tuple(lb.ids for lb in labels)))
+        if len(node.outputs) == len(sizes):
+            for v, lb in zip(node.outputs, labels):
+                self.labels[v] = lb
+        else:
+            self.labels[node.output] = _Pieces(labels)
+
+    def split_sizes(self, node: Node, rank: int, axis: int) -> list[int]:
+        if len(node.outputs) > 1:
+            return [self.shape(v)[axis] for v in node.outputs]
+        total = self.shape(node.inputs[0])[axis]
+        fx_args = node.attrs.get("args", ())
+        arg = fx_args[0] if fx_args else None
+        if node.attrs.get("fn") == "chunk" and isinstance(arg, int):
+            each = -(-total // arg)
+            return [min(each, total - i) for i in range(0, total, each)]
+        if isinstance(arg, int):
+            return [min(arg, total - i) for i in range(0, total, arg)]
+        if isinstance(arg, (list, tuple)) and all(isinstance(s, int) for s in arg):
+            return list(arg)
+        raise _Unsupported("split sizes unknown")
+
+    def slice(self, node: Node) -> None:
+        src = node.inputs[0] if node.inputs else None
+        lab = self.labels.get(src)
+        if isinstance(lab, _Pieces):
+            index = node.attrs.get("args", (None,))[0]
+            if not isinstance(index, int):
+                raise _Unsupported("non-constant index into a split")
+            self.set_out(node, lab.labels[index])
+            return
+        if lab is None or node.output not in self.shapes:
+            self.set_out(node, None)
+            return
+        in_shape, out_shape = self.shape(src), self.shape(node.output)
+        if node.op == "Slice" and len(lab.axes) == 1 and self.range_slice(node, lab, in_shape):
+            return
+        picked = self.scalar_index(node, lab, in_shape)
+        if picked is not None:
+            self.set_out(node, picked)
+            return
+        if "args" in node.attrs:
+            mapping = _getitem_axes(node.attrs["args"][0], in_shape)
+        else:
+            mapping = self.onnx_slice_axes(node, in_shape)
+        if mapping is None or any(mapping.get(a) is None for a in lab.axes):
+            raise _Unsupported("slices or indexes a pruned axis")
+        axes = tuple(mapping[a] for a in lab.axes)
+        if any(out_shape[b] != in_shape[a] for a, b in zip(lab.axes, axes)):
+            raise _Unsupported("slices a pruned axis")
+        self.set_out(node, Label(axes, lab.ids))
+
+    def scalar_index(self, node: Node, lab: Label, in_shape: tuple) -> Label | None:
+        """x[i] on a labelled axis (q = qkv[0] after a packed in-projection): the axis must keep
+        its size, so units are tied along it, and the label drops that axis."""
+        if node.op == "Gather" and "in1" in node.params:
+            idx = self.view.param(node.name, "in1")
+            axis = int(node.attrs.get("axis", 0)) % len(in_shape)
+            if idx.ndim != 0:
+                return None
+            index = int(idx)
+        elif node.op == "getitem" and isinstance(node.attrs.get("args", (None,))[0], int):
+            axis, index = 0, node.attrs["args"][0]
+        else:
+            return None
+        if axis not in lab.axes or len(lab.axes) < 2:
+            return None
+        pos = lab.axes.index(axis)
+        self.uf.tie(lab.ids, pos)
+        axes = tuple(a - (a > axis) for a in lab.axes if a != axis)
+        return Label(axes, lab.ids.take(index % in_shape[axis], axis=pos))
+
+    def expand(self, node: Node) -> None:
+        """Expand / expand: a broadcast of its data operand; a constant stays a sliceable
+        constant (ViT's class token, expanded to the batch, then concatenated)."""
+        ops = self.operands(node)
+        shape, lab, const = ops[0]
+        out = self.shape(node.output)
+        if lab is not None:
+            o = self.align(shape, lab, len(out), None)
+            if any(o.shape[a] != out[a] for a in o.label.axes):
+                raise _Unsupported("expands a pruned axis")
+            self.set_out(node, o.label)
+            return
+        if const is not None and len(out) == len(shape):
+            self.const_of[node.output] = const
+        self.set_out(node, None)
+
+    def range_slice(self, node: Node, lab: Label, in_shape: tuple) -> bool:
+        """An ONNX Slice taking a contiguous range of the pruned axis (a chunk exported as
+        Slices): the range shrinks to the kept ids inside it (SliceSite); bounds computed at
+        run time (C // 2) are rewritten as constants, since the pieces need not stay even.
+        Tying pieces position by position to keep them even collapsed ShuffleNet's streams
+        into one unit (the shuffles chain the ties), so they are not tied."""
+        axis = lab.axes[0]
+        siblings = [u for u in self.view.users(node.inputs[0]) if u.op == "Slice"]
+        found = {u.name: _slice_ranges(self.view, self.shapes, u, axis, in_shape)
+                 for u in siblings}
+        _fill_gap(found, siblings, self.shapes, axis, in_shape[axis])
+        if found.get(node.name) is None:
+            return False
+        start, stop, _ = found[node.name]
+        self.sites.append(SliceSite(node.name, axis, lab.ids, start, stop))
+        self.set_out(node, Label((axis,), lab.ids[start:stop]))
+        return True
+
+    def onnx_slice_axes(self, node: Node, in_shape: tuple) -> dict | None:
+        """Axis map of an ONNX Slice: identity, with partially sliced axes mapped to None."""
+        rank = len(in_shape)
+        if node.op == "Gather":
+            if "in1" not in node.params:
+                return None
+            idx = self.view.param(node.name, "in1")
+            axis = int(node.attrs.get("axis", 0)) % rank
+            shift = idx.ndim - 1
+            return {a: (None if a == axis else a if a < axis else a + shift)
+                    for a in range(rank)}
+        if node.op != "Slice" or not all(f"in{i}" in node.params for i in (1, 2)):
+            return None
+        starts, ends = (self.view.param(node.name, f"in{i}") for i in (1, 2))
+        axes = self.view.param(node.name, "in3") if "in3" in node.params else \
+            np.arange(len(starts))
+        steps = self.view.param(node.name, "in4") if "in4" in node.params else \
+            np.ones(len(starts), dtype=np.int64)
+        mapping = {a: a for a in range(rank)}
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            a = int(a) % rank
+            full = int(st) == 1 and int(s) in (0, -(2 ** 63)) and int(e) >= in_shape[a]
+            if not full:
+                mapping[a] = None
+        return mapping
+
+    # --- rules: layout ops -----------------------------------------------------------------------
+    def spatial(self, node: Node) -> None:
+        """Pools, pads, resizes: channel-preserving where the labelled axes keep their size."""
+        x = self.data_inputs(node)[0]
+        lab = self.label(x)
+        if lab is not None:
+            i, o = self.shape(x), self.shape(node.output)
+            if len(i) != len(o) or any(i[a] != o[a] for a in lab.axes):
+                raise _Unsupported("changes the size of a pruned axis")
+        self.set_out(node, lab)
+
+    def reshape(self, node: Node) -> None:
+        x = self.data_inputs(node)[0]
+        lab = self.label(x)
+        if lab is None:
+            self.set_out(node, None)
+            return
+        if node.op not in _RESHAPES:
+            raise _Unsupported("reshape with literal sizes graphslim does not rewrite")
+        in_shape, out_shape = self.shape(x), self.shape(node.output)
+        if lab.ids.size == 1:  # a single channel: nothing to prune, and no axis to follow
+            self.block(lab.ids, f"{node.name}: reshapes a one-channel tensor")
+            self.set_out(node, None)
+            return
+        out_axes, ids = _reshape_label(lab, in_shape, out_shape)
+        out = _squeeze_constant(Label(out_axes, ids), self.uf)
+        if node.op in ("Reshape", "view", "reshape"):
+            self.sites.append(ShapeSite(node.name, out.axes, out.ids))
+        if sum(1 for n in out.ids.shape if n > 1) > 1:
+            self.rectangles.append(out.ids)
+        self.set_out(node, out)
+
+    def transpose(self, node: Node) -> None:
+        x = self.data_inputs(node)[0]
+        lab, rank = self.label(x), len(self.shape(x))
+        if lab is None:
+            self.set_out(node, None)
+            return
+        perm = _perm(node, rank)
+        new_axes = [perm.index(a) for a in lab.axes]
+        order = np.argsort(new_axes)
+        self.set_out(node, Label(tuple(sorted(new_axes)), np.transpose(lab.ids, order)))
+
+    def reduce(self, node: Node) -> None:
+        x = self.data_inputs(node)[0]
+        lab, rank = self.label(x), len(self.shape(x))
+        if lab is None:
+            self.set_out(node, None)
+            return
+        axes, keep = _reduce_axes(self, node, rank)
+        if set(axes) & set(lab.axes):
+            raise _Unsupported("reduces over pruned channels")
+        if keep:
+            self.set_out(node, lab)
+        else:
+            self.set_out(node, Label(tuple(a - sum(1 for r in axes if r < a) for a in lab.axes),
+                                     lab.ids))
+
+    def softmax(self, node: Node) -> None:
+        x = self.data_inputs(node)[0]
+        lab, rank = self.label(x), len(self.shape(x))
+        args, kw = node.attrs.get("args", ()), node.attrs.get("kwargs", {})
+        axis = node.attrs.get("axis", node.attrs.get("dim", kw.get("dim",
+                                                                    args[0] if args else -1)))
+        if lab is not None and (axis is None or int(axis) % rank in lab.axes):
+            raise _Unsupported("softmax over pruned channels")
+        self.set_out(node, lab)
+
+    def shape_op(self, node: Node) -> None:
+        if node.op in _SHAPE_OPS:
+            if node.op == "Shape":
+                self.shape_feeds_float(node)
+            for v in node.outputs:
+                self.labels[v] = None
+            return
+        if node.op == "Gather":
+            self.slice(node)
+            return
+        self.block_inputs(node, f"{node.name}: {node.op} on pruned channels")
+
+    def shape_feeds_float(self, node: Node) -> None:
+        """A pruned size read by Shape that flows into float math (sdpa's exported scale
+        1/sqrt(head_dim)) changes values, not just shapes: the units that shrink that axis
+        are inexact. Reshape targets, the usual reader, are int-only and fine."""
+        lab = self.labels.get(node.inputs[0])
+        if not isinstance(lab, Label) or not _reaches_float(self.view, node.output):
+            return
+        rank = len(self.shape(node.inputs[0]))
+        picked: set[int] = set()
+        for u in self.view.users(node.output):
+            if u.op == "Gather" and "in1" in u.params:
+                picked |= {int(i) % rank for i in np.ravel(self.view.param(u.name, "in1"))}
+            elif u.op == "Slice" and "in1" in u.params and "in2" in u.params:
+                lo, hi = (int(np.ravel(self.view.param(u.name, r))[0]) for r in ("in1", "in2"))
+                picked |= set(range(rank)[slice(lo, hi)])
+            else:
+                picked = set(range(rank))
+                break
+        for a in picked & set(lab.axes):
+            self.inexact_if_varying.append(
+                (lab.ids, lab.axes.index(a), f"{node.name}: the pruned size feeds float math "
+                                             "(e.g. an attention scale 1/sqrt(head_dim))"))
+
+    def constant(self, node: Node) -> None:
+        if "value" in node.params:
+            self.const_of[node.output] = (node.name, "value", node.params["value"])
+        self.set_out(node, None)
+
+
+def _slice_ranges(view: GraphView, shapes: dict, node: Node, axis: int, in_shape: tuple
+                  ) -> tuple[int, int, bool] | None:
+    """(start, stop, dynamic) of an ONNX Slice on `axis` only with step 1. A bound computed at
+    run time (torch.chunk exports `C // 2` from Shape) is read off the measured output size;
+    `dynamic` says the bounds cannot be rewritten."""
+    rank, n = len(in_shape), in_shape[axis]
+    consts = {i: view.param(node.name, f"in{i}").tolist() for i in (1, 2, 3, 4)
+              if f"in{i}" in node.params}
+    axes = consts.get(3, [axis] if 3 not in consts and len(node.inputs) + len(consts) <= 3
+                      else None)
+    if axes is None or len(axes) != 1 or int(axes[0]) % rank != axis or \
+            consts.get(4, [1])[0] != 1 or (len(node.inputs) + len(consts) > 4 and 4 not in consts):
+        return None
+    out = shapes.get(node.output)
+    if out is None or not isinstance(out[axis], int):
+        return None
+    size = out[axis]
+
+    def clamp(v):
+        return min(max(v + n if v < 0 else v, 0), n)
+
+    if 1 in consts:
+        start = clamp(consts[1][0])
+    elif 2 in consts:
+        start = clamp(consts[2][0]) - size
+    else:
+        return None
+    return start, start + size, not (1 in consts and 2 in consts)
+
+
+def _reaches_float(view: GraphView, value: str, depth: int = 8) -> bool:
+    """Does an integer shape value flow into float arithmetic (Cast to float, Sqrt)?"""
+    frontier = [value]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for u in view.users(v):
+                if u.op == "Sqrt" or (u.op == "Cast" and u.attrs.get("to") in (1, 10, 11, 16)):
+                    return True
+                if u.op != "Reshape":
+                    nxt.extend(u.outputs)
+        frontier = nxt
+    return False
+
+
+def _fill_gap(found: dict, siblings: list, shapes: dict, axis: int, n: int) -> None:
+    """A slice with both bounds computed at run time is the one gap its siblings leave
+    (the second half of an exported chunk), when its size says so."""
+    unknown = [u for u in siblings if found[u.name] is None and u.op == "Slice"]
+    if len(unknown) != 1:
+        return
+    covered = sorted(r[:2] for r in found.values() if r is not None)
+    gaps, at = [], 0
+    for a, b in covered:
+        if a > at:
+            gaps.append((at, a))
+        at = max(at, b)
+    if at < n:
+        gaps.append((at, n))
+    out = shapes.get(unknown[0].output)
+    if len(gaps) == 1 and out is not None and out[axis] == gaps[0][1] - gaps[0][0]:
+        found[unknown[0].name] = (*gaps[0], True)
+
+
+def _perm(node: Node, rank: int) -> list[int]:
+    if "perm" in node.attrs:
+        return [int(p) % rank for p in node.attrs["perm"]]
+    args = node.attrs.get("args")
+    if args is None:
+        return list(reversed(range(rank)))
+    if node.op == "transpose":
+        a, b = (int(d) % rank for d in args[:2])
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    if not all(isinstance(d, int) for d in dims):
+        raise _Unsupported("permutation not constant")
+    return [int(d) % rank for d in dims]
+
+
+def _reduce_axes(p: LayoutRules, node: Node, rank: int) -> tuple[list[int], bool]:
+    if "args" in node.attrs:  # fx: mean(x, dims, keepdim)
+        args, kw = node.attrs["args"], node.attrs.get("kwargs", {})
+        dims = kw.get("dim", args[0] if args else None)
+        keep = bool(kw.get("keepdim", args[1] if len(args) > 1 else False))
+    else:
+        dims = node.attrs.get("axes")
+        if dims is None and "in1" in node.params:
+            dims = p.view.param(node.name, "in1").tolist()
+        keep = bool(node.attrs.get("keepdims", 1))
+    if dims is None:
+        return list(range(rank)), keep
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        raise _Unsupported("reduction axes not constant")
+    return sorted(int(d) % rank for d in dims), keep
+
+
+def _getitem_axes(index, in_shape: tuple) -> dict | None:
+    """Input axis -> output axis of x[index] (None where the axis is indexed or sliced)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(i == "$node" for i in items):
+        return None
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    mapping, a, b = {}, 0, 0
+    for item in items:
+        if item is Ellipsis:
+            for _ in range(len(in_shape) - n_real):
+                mapping[a] = b
+                a, b = a + 1, b + 1
+        elif item is None:
+            b += 1
+        elif isinstance(item, int):
+            mapping[a] = None
+            a += 1
+        elif isinstance(item, tuple) and item[:1] == ("slice",):
+            start, stop, step = item[1:]
+            full = start in (None, 0) and step in (None, 1) and (
+                stop is None or stop >= in_shape[a])
+            mapping[a] = b if full else None
+            a, b = a + 1, b + 1
+        else:
+            return None
+    while a < len(in_shape):
+        mapping[a] = b
+        a, b = a + 1, b + 1
+    return mapping
+
+
+def _reshape_label(lab: Label, in_shape: tuple, out_shape: tuple) -> tuple[tuple, np.ndarray]:
+    """Carry a label through a reshape: find the smallest input axis range around the label
+    whose boundaries (products of leading sizes) also exist in the output, spread the ids over
+    that range and reshape them to the matching output axes."""
+    in_cp = np.cumprod((1,) + tuple(in_shape)).tolist()
+    out_cp = np.cumprod((1,) + tuple(out_shape)).tolist()
+    common = set(in_cp) & set(out_cp)
+    lo, hi = min(lab.axes), max(lab.axes) + 1
+    v_lo = max(v for v in common if v <= in_cp[lo])
+    v_hi = min(v for v in common if v >= in_cp[hi])
+    lo = max(i for i in range(lo + 1) if in_cp[i] == v_lo)
+    hi = min(i for i in range(hi, len(in_cp)) if in_cp[i] == v_hi)
+    olo = max(j for j, v in enumerate(out_cp) if v == v_lo)
+    ohi = min(j for j, v in enumerate(out_cp) if v == v_hi)
+    if olo >= ohi:
+        olo = min(j for j, v in enumerate(out_cp) if v == v_lo)
+    if olo >= ohi:
+        raise _Unsupported("no output axes carry the pruned channels")
+    block = [in_shape[a] for a in range(lo, hi)]
+    spread = lab.ids.reshape([in_shape[a] if a in lab.axes else 1 for a in range(lo, hi)])
+    ids = np.broadcast_to(spread, block).reshape([out_shape[j] for j in range(olo, ohi)])
+    return tuple(range(olo, ohi)), np.ascontiguousarray(ids)
+
+
+def _squeeze_constant(lab: Label, uf: _UnionFind) -> Label:
+    """Drop axes along which the ids repeat (size-1 or broadcast) from a label."""
+    keep = [i for i in range(lab.ids.ndim)
+            if lab.ids.shape[i] > 1 and not np.all(lab.ids == lab.ids.take([0], axis=i))]
+    if not keep:
+        keep = [int(np.argmax(lab.ids.shape))]
+    ids = lab.ids
+    for i in reversed(range(ids.ndim)):
+        if i not in keep:
+            ids = ids.take(0, axis=i)
+    return Label(tuple(lab.axes[i] for i in keep), ids)
