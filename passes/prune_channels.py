@@ -60,12 +60,13 @@ def pruning_edits(deps: ChannelDeps, removed: np.ndarray) -> list[Edit]:
     for site in deps.sites:
         mask = deps.keep_mask(site.ids if not isinstance(site, SplitSite) else
                               np.concatenate(site.pieces), removed)
+        if isinstance(site, ShapeSite):  # even unchanged: a run-time target read from another
+            edits.append(SetAttr(site.node, "shape", _rect_sizes(site, mask)))  # tensor's
+            continue  # Shape would follow that tensor's pruning; the frontend pins it
         if mask.all():
             continue
         if isinstance(site, ParamSite):
             edits.append(SliceParam(site.node, site.role, site.axis, np.flatnonzero(mask)))
-        elif isinstance(site, ShapeSite):
-            edits.append(SetAttr(site.node, "shape", _rect_sizes(site, mask)))
         elif isinstance(site, SplitSite):
             sizes = [int(p.sum()) for p in np.split(mask, np.cumsum(
                 [len(p) for p in site.pieces])[:-1])]

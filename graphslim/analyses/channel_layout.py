@@ -311,10 +311,20 @@ def _slice_ranges(view: GraphView, shapes: dict, node: Node, axis: int, in_shape
     rank, n = len(in_shape), in_shape[axis]
     consts = {i: view.param(node.name, f"in{i}").tolist() for i in (1, 2, 3, 4)
               if f"in{i}" in node.params}
-    axes = consts.get(3, [axis] if 3 not in consts and len(node.inputs) + len(consts) <= 3
-                      else None)
-    if axes is None or len(axes) != 1 or int(axes[0]) % rank != axis or \
-            consts.get(4, [1])[0] != 1 or (len(node.inputs) + len(consts) > 4 and 4 not in consts):
+    dynamic = iter(node.inputs[1:])
+    total = len(node.inputs) + len(consts)
+    slots = {i: ("const", consts[i]) if i in consts else ("value", next(dynamic, None))
+             for i in range(1, total)}
+    if 3 in slots:
+        kind, axes = slots[3]
+        if kind != "const":
+            return None
+    else:  # no axes input: the first len(starts) axes
+        kind, starts = slots[1]
+        count = len(starts) if kind == "const" else (shapes.get(starts) or (0,))[0]
+        axes = list(range(count))
+    if len(axes) != 1 or int(axes[0]) % rank != axis or \
+            (4 in slots and slots[4] != ("const", [1])):
         return None
     out = shapes.get(node.output)
     if out is None or not isinstance(out[axis], int):
@@ -363,7 +373,8 @@ def _fill_gap(found: dict, siblings: list, shapes: dict, axis: int, n: int) -> N
     if at < n:
         gaps.append((at, n))
     out = shapes.get(unknown[0].output)
-    if len(gaps) == 1 and out is not None and out[axis] == gaps[0][1] - gaps[0][0]:
+    if len(gaps) == 1 and gaps[0] != (0, n) and out is not None and \
+            out[axis] == gaps[0][1] - gaps[0][0]:  # (0, n): it does not cut this axis at all
         found[unknown[0].name] = (*gaps[0], True)
 
 

@@ -161,6 +161,23 @@ class OnnxGraph(Frontend):
                              for j, d in enumerate(inp.shape)]
                 self.load_notes.append(f"input '{inp.name}': negative dims made symbolic")
         self.graph.cleanup().toposort()
+        self._fold_small_constants()
+
+    def _fold_small_constants(self) -> None:
+        """Fold subgraphs computed from constants only into small constants (what onnxsim does
+        first): torch's exporter without constant folding writes Slice bounds and Reshape
+        targets as Unsqueeze + Concat of Python ints, which passes need to read. Run-time sizes
+        (Shape of an activation) and big tensors (> 4 KiB) are left as they are."""
+        before = len(self.graph.nodes)
+        try:
+            self.graph.fold_constants(fold_shapes=False, size_threshold=4096, error_ok=True)
+        except Exception as exc:  # folding is an aid; the graph stays valid without it
+            log.info("constant folding skipped: %s", exc)
+            return
+        self.graph.cleanup().toposort()
+        if len(self.graph.nodes) < before:
+            self.load_notes.append(f"{before - len(self.graph.nodes)} nodes computing small "
+                                   "constants folded")
 
     def _check_input_shapes(self) -> None:
         names = [t.name for t in self.graph.inputs]

@@ -180,9 +180,9 @@ def set_attr(m, g: gs.Node, name: str, value, computed: np.ndarray | None = None
 def _set_reshape_sizes(m, g: gs.Node, sizes: dict, computed: tuple | None) -> None:
     """Rewrite a Reshape's target sizes on pruned axes; -1 and 0 entries adapt by themselves.
     A computed target (see OnnxGraph._computed_reshape_targets) has its static parts rewritten,
-    and so has a one-element run-time part giving a pruned axis (swin's C // heads is computed
-    from the unpruned input's Shape: it would not follow); pruned axes are channel axes, never
-    the batch, so fixing them keeps dynamic batch sizes dynamic."""
+    and a one-element run-time part giving a channel axis pinned to its new size: it may be
+    computed from another tensor's Shape (swin's C // heads from the unpruned input; swin v2's
+    C from a pruned one). Channel axes are never the batch, so batch sizes stay dynamic."""
     shape = g.inputs[1]
     if isinstance(shape, gs.Constant):
         target = np.asarray(shape.values).copy()
@@ -193,9 +193,12 @@ def _set_reshape_sizes(m, g: gs.Node, sizes: dict, computed: tuple | None) -> No
         return
     else:
         return
+    old = target.copy()
     for axis, size in sizes.items():
         if target[axis] not in (-1, 0):
             target[axis] = size
+    if isinstance(shape, gs.Constant) and np.array_equal(old, target):
+        return
     g.inputs[1] = gs.Constant(m.fresh(f"{g.name}.shape"), target.astype(np.int64))
 
 
@@ -205,8 +208,11 @@ def _set_concat_sizes(m, concat: gs.Node, pieces: list, sizes: dict) -> None:
         i = int(np.searchsorted(offsets, axis, side="right")) - 1
         tensor, values, static = pieces[i]
         j = axis - offsets[i]
-        if values[j] in (-1, 0) or values[j] == size or (not static and len(values) != 1):
-            continue  # a one-element run-time size of a pruned (never batch) axis: now fixed
+        if values[j] in (-1, 0) or (static and values[j] == size) or \
+                (not static and len(values) != 1):
+            continue
+        # a one-element run-time size of a channel (never batch) axis is pinned, changed or
+        # not: it may be read from another tensor's Shape (swin v2 takes C from its input)
         values = values.copy()
         values[j] = size
         pieces[i] = (tensor, values, static)
