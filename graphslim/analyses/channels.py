@@ -147,9 +147,10 @@ class _UnionFind:
 
     def unite(self, a: np.ndarray, b: np.ndarray) -> None:
         a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
-        pairs = np.stack([a.ravel(), b.ravel()], axis=1)
-        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-        for x, y in np.unique(pairs, axis=0).tolist() if len(pairs) else ():
+        a, b = a.ravel(), b.ravel()
+        n = len(self.parent)
+        keys = np.unique((a * n + b)[a != b])  # one int per pair: 1-D unique sorts fast
+        for x, y in zip((keys // n).tolist(), (keys % n).tolist()):
             rx, ry = self.find(x), self.find(y)
             if rx != ry:
                 self.parent[max(rx, ry)] = min(rx, ry)
@@ -244,7 +245,8 @@ def _make_groups(uf: _UnionFind, root: np.ndarray, blocked: list, inexact: list
             a = sp_parent[a]
         return a
 
-    for a, b in np.unique(np.stack([space, space[root]], 1), axis=0).tolist():
+    keys = np.unique(space * n_spaces + space[root])
+    for a, b in zip((keys // n_spaces).tolist(), (keys % n_spaces).tolist()):
         ra, rb = find(a), find(b)
         if ra != rb:
             sp_parent[max(ra, rb)] = min(ra, rb)
@@ -255,9 +257,9 @@ def _make_groups(uf: _UnionFind, root: np.ndarray, blocked: list, inexact: list
     index = {int(g): i for i, g in enumerate(order)}
     groups = []
     # ids per unit per space: count (unit, space) pairs
-    pair, counts = np.unique(np.stack([root, space], 1), axis=0, return_counts=True)
+    pair, counts = np.unique(root * n_spaces + space, return_counts=True)
     sizes: dict[int, dict[str, int]] = {}
-    for (_u, s), c in zip(pair.tolist(), counts.tolist()):
+    for s, c in zip((pair % n_spaces).tolist(), counts.tolist()):
         d = sizes.setdefault(index[int(group_of_space[s])], {})
         name = uf.space_names[s]
         d[name] = max(d.get(name, 0), c)

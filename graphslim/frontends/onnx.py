@@ -168,12 +168,17 @@ class OnnxGraph(Frontend):
         first): torch's exporter without constant folding writes Slice bounds and Reshape
         targets as Unsqueeze + Concat of Python ints, which passes need to read. Run-time sizes
         (Shape of an activation) and big tensors (> 4 KiB) are left as they are."""
+        import onnxruntime
+
         before = len(self.graph.nodes)
+        onnxruntime.set_default_logger_severity(3)  # its optimizer's notes are not ours
         try:
             self.graph.fold_constants(fold_shapes=False, size_threshold=4096, error_ok=True)
         except Exception as exc:  # folding is an aid; the graph stays valid without it
             log.info("constant folding skipped: %s", exc)
             return
+        finally:
+            onnxruntime.set_default_logger_severity(2)
         self.graph.cleanup().toposort()
         if len(self.graph.nodes) < before:
             self.load_notes.append(f"{before - len(self.graph.nodes)} nodes computing small "
