@@ -45,10 +45,11 @@ def test_orientation_classifier_pruned(tmp_path):
     ref = _predict(src, x, name)
     acc0 = float((ref.argmax(1) == y).mean())
     lines = []
+    # round-to 8: PP-LCNet's 16-64-channel layers are too thin for this CPU's block of 16
     for ratio, criterion in ((0.3, "l1"), (0.2, "taylor")):
         dst = tmp_path / f"orient_{criterion}.onnx"
         np.savez(tmp_path / "calib.npz", **{name: x})
-        _slim_opt(src, dst, f"prune-channels{{ratio={ratio},criterion={criterion}}}",
+        _slim_opt(src, dst, f"prune-channels{{ratio={ratio},criterion={criterion},round-to=8}}",
                   f"{name}:1,3,224,224", "--calib-data", str(tmp_path / "calib.npz"))
         before = graphslim.load(src, input_shapes={name: (1, 3, 224, 224)})
         after = graphslim.load(str(dst))

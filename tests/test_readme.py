@@ -28,7 +28,7 @@ def test_readme_cli_examples_run():
     (ROOT / "out").mkdir(exist_ok=True)
     commands = [c for block in _blocks("bash") for c in block.replace("\\\n", " ").splitlines()
                 if c.startswith("python tools/")]
-    assert len(commands) == 3
+    assert len(commands) >= 5
     for cmd in commands:
         args = shlex.split(cmd)
         proc = subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True,
