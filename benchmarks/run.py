@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -296,7 +297,12 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     md = output.write_all(rows, args.out, command, machine, time.perf_counter() - t)
-    if args.results_md:
+    if args.results_md:  # the committed copy: markdown plus its plots beside it
+        folder = os.path.dirname(os.path.abspath(args.results_md))
+        for png in ("latency_vs_fidelity.png", "speedup_vs_macs.png"):
+            if os.path.exists(os.path.join(args.out, png)):
+                shutil.copy(os.path.join(args.out, png), os.path.join(folder, f"results_{png}"))
+                md += f"\n![{png[:-4]}](results_{png})\n"
         with open(args.results_md, "w") as f:
             f.write(md)
     print(md)

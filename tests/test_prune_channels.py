@@ -236,3 +236,19 @@ def test_slim_opt_prunes_and_rejects_bad_ratio(tmp_path):
         0.35 * compute_cost(graphslim.load(src).view(), graphslim.load(src).infer_shapes()).macs
     bad = subprocess.run(base + ["prune-channels{ratio=1.5}"], capture_output=True, text=True)
     assert bad.returncode == 2 and "ratio must be in [0, 1)" in bad.stderr
+
+
+def test_exact_only_leaves_layernorm_groups(frontend, tmp_path):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.Linear(32, 32), nn.ReLU(),
+                           nn.Linear(32, 4)).eval()
+    model = make_model(frontend, module, torch.randn(2, 8), tmp_path, "ln")
+    text = "prune-channels{ratio=0.5,round-to=8,exact-only=true}"
+    res = _pipeline(model, text)
+    widths = sorted(res.model.view().param_info(n.name, "weight")[0][0]
+                    for n in res.model.view().nodes() if n.kind.value == "linear")
+    assert widths == [4, 16, 32]  # the LayerNorm'd 32 stays, the plain hidden 32 halves
+    assert any("inexact" in s.reason and "LayerNorm" in s.reason for s in res.report.skipped())
+    res = _pipeline(model, "prune-channels{ratio=0.5,round-to=8}")
+    assert sorted(res.model.view().param_info(n.name, "weight")[0][0]
+                  for n in res.model.view().nodes() if n.kind.value == "linear") == [4, 16, 16]
