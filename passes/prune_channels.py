@@ -162,9 +162,11 @@ class PruneChannels(Pass):
         matched: set[str] = set()
         out = []
         site_nodes: dict[int, set[str]] = {}
-        for site in deps.sites:
+        for site in deps.sites:  # the nodes that produce or scale a group's channels
+            if getattr(site, "consumer", False):
+                continue  # excluding a layer keeps its outputs, not its inputs (as Torch-Pruning)
             ids = np.concatenate(site.pieces) if isinstance(site, SplitSite) else site.ids
-            for u in np.unique(deps.units_of(np.ravel(ids))[:1]).tolist():
+            for u in np.unique(deps.units_of(np.ravel(ids))).tolist():
                 site_nodes.setdefault(deps.group_of(u).index, set()).add(site.node)
         names = {n.name for n in view.nodes()}
         for g in deps.groups:
