@@ -252,3 +252,15 @@ def test_exact_only_leaves_layernorm_groups(frontend, tmp_path):
     res = _pipeline(model, "prune-channels{ratio=0.5,round-to=8}")
     assert sorted(res.model.view().param_info(n.name, "weight")[0][0]
                   for n in res.model.view().nodes() if n.kind.value == "linear") == [4, 16, 16]
+
+
+@pytest.mark.parametrize("frontend_name", ["fx", "onnx"])
+def test_zoo_benchmark_row(frontend_name):
+    """The CI subset of benchmarks/prune_bench.py's table: one small model, both frontends."""
+    from benchmarks.prune_bench import prune_row
+
+    row = prune_row("mobilenet_v3_small", frontend_name, ratio=0.5, repeats=3)
+    assert row["status"] == "ok", row
+    assert row["macs"][1] < 0.5 * row["macs"][0]
+    assert row["groups"] > 10 and row["blocked"] >= 1
+    assert row["latency"][0] > 0 and row["latency"][1] > 0
