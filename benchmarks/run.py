@@ -33,6 +33,7 @@ from benchmarks.harness_models import BenchModel, prepare
 from benchmarks.harness_peers import Skip, run_peer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CELL_SECONDS = 3.0  # timing budget per cell: at least 5 interleaved pairs, at most `repeats`
 ROOT = os.path.dirname(HERE)
 
 
@@ -103,9 +104,11 @@ def _outputs(path: str, bm: BenchModel, n: int) -> np.ndarray:
                            for i in range(min(n, len(bm.eval_x)))])
 
 
-def fidelity(bm: BenchModel, base_path: str, path: str) -> dict:
+def fidelity(bm: BenchModel, base: dict, path: str) -> dict:
     n = len(bm.eval_x) if bm.eval_y is not None else 8
-    ref, got = _outputs(base_path, bm, n), _outputs(path, bm, n)
+    if "outputs" not in base:  # the baseline's outputs, once per model
+        base["outputs"] = _outputs(base["path"], bm, n)
+    ref, got = base["outputs"], _outputs(path, bm, n)
     ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
     cos = float(ref64 @ got64 / max(np.linalg.norm(ref64) * np.linalg.norm(got64), 1e-30))
     noise = float(np.sum((ref64 - got64) ** 2))
@@ -160,7 +163,7 @@ def latency(runtime: str, bm: BenchModel, base: dict, var: dict, repeats: int) -
         x = torch.as_tensor(bm.eval_x[:1])
         with torch.no_grad():
             la, lb = compare(lambda: base["module"](x), lambda: var["module"].eval()(x),
-                             repeats=repeats)
+                             warmup=2, repeats=repeats, max_time=CELL_SECONDS)
         return _lat_row(la, lb, float("nan"))
     provider, threads = {"ort-cpu-1": ("cpu", 1), "ort-cpu-all": ("cpu", 0),
                          "ort-cuda": ("cuda", 0)}.get(runtime, (None, None))
@@ -168,12 +171,17 @@ def latency(runtime: str, bm: BenchModel, base: dict, var: dict, repeats: int) -
         raise Skip(f"unknown runtime '{runtime}'")
     if provider == "cuda" and "CUDAExecutionProvider" not in available_providers():
         raise Skip("no CUDA execution provider on this machine")
-    sa = make_session(base["path"], provider=provider, opt_level="all", threads=threads)
+    sessions = base.setdefault("sessions", {})  # the baseline's, once per model and runtime
+    if runtime not in sessions:
+        sessions[runtime] = make_session(base["path"], provider=provider, opt_level="all",
+                                         threads=threads)
+    sa = sessions[runtime]
     before = _rss_mb()
     sb = make_session(var["path"], provider=provider, opt_level="all", threads=threads)
     session_runner(sb, feeds)()
     mem = _rss_mb() - before
-    la, lb = compare(session_runner(sa, feeds), session_runner(sb, feeds), repeats=repeats)
+    la, lb = compare(session_runner(sa, feeds), session_runner(sb, feeds), warmup=2,
+                     repeats=repeats, max_time=CELL_SECONDS)
     return _lat_row(la, lb, mem)
 
 
@@ -245,7 +253,7 @@ def _measure_cell(c, bm, base, made, workdir, repeats) -> dict:
         try:
             made[variant] = make_variant(bm, variant, kind, workdir)
             made[variant]["static"] = {**size_and_cost(bm, made[variant]["path"]),
-                                       **fidelity(bm, bm.onnx_path, made[variant]["path"])}
+                                       **fidelity(bm, base, made[variant]["path"])}
         except Exception as exc:  # a failing tool or bad pipeline is this cell's message
             made[variant] = exc
     var = made[variant]

@@ -90,14 +90,19 @@ def measure(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,
 
 
 def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 3,
-            repeats: int = 20) -> tuple[Latency, Latency]:
-    """Interleaved A/B timing: a, b, a, b, ... so both see the same machine load."""
+            repeats: int = 20, max_time: float | None = None,
+            min_repeats: int = 5) -> tuple[Latency, Latency]:
+    """Interleaved A/B timing: a, b, a, b, ... so both see the same machine load. With
+    `max_time` (seconds), stop after that much timing once `min_repeats` pairs are in."""
     for _ in range(warmup):
         fn_a()
         fn_b()
     ta: list[float] = []
     tb: list[float] = []
+    start = time.perf_counter()
     for i in range(repeats):
+        if max_time is not None and i >= min_repeats and time.perf_counter() - start > max_time:
+            break
         order = ((fn_a, ta), (fn_b, tb)) if i % 2 == 0 else ((fn_b, tb), (fn_a, ta))
         for fn, acc in order:
             t0 = time.perf_counter()

@@ -123,6 +123,11 @@ class ChannelGroup:
 
 
 class _UnionFind:
+    """Union-find over integer ids, written here: unions come as arrays while labels propagate,
+    and the rectangle step needs roots mid-way (scipy's DisjointSet is per-element Python as
+    well; scipy.sparse.csgraph components would need every edge collected first). Roots for
+    all ids at once are a vectorized pointer-jumping pass (`roots`)."""
+
     def __init__(self):
         self.parent: list[int] = []
         self.space: list[int] = []
