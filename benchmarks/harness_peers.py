@@ -7,8 +7,6 @@ import importlib.util
 import os
 import time
 
-import numpy as np
-
 from benchmarks.harness_models import BenchModel
 
 
@@ -116,8 +114,4 @@ def _nncf(bm: BenchModel, out: str) -> None:
     onnx.save(nncf.quantize(onnx.load(bm.onnx_path), data), out)
 
 
-def calibration_note(bm: BenchModel) -> str:
-    return "real data" if bm.eval_y is not None else "synthetic inputs"
-
-
-__all__ = ["PEERS", "Skip", "run_peer", "calibration_note", "np"]
+__all__ = ["PEERS", "Skip", "run_peer"]

@@ -21,7 +21,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torchvision
 
@@ -196,7 +195,6 @@ def main(argv=None) -> None:
     if args.out:
         with open(args.out, "a") as f:
             f.write(table + "\n")
-    np.set_printoptions()
 
 
 if __name__ == "__main__":
