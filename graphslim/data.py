@@ -37,7 +37,11 @@ def validate(data: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> int:
         counts.add(arr.shape[0])
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"data inputs disagree on the number of samples or are empty: {counts}")
-    return counts.pop()
+    n = counts.pop()
+    if LABELS in data and len(np.asarray(data[LABELS])) != n:
+        raise InputError(f"data['{LABELS}'] has {len(np.asarray(data[LABELS]))} entries for "
+                         f"{n} samples")
+    return n
 
 
 def batches(data: Mapping[str, np.ndarray], specs: list[TensorSpec], size: int | None = None

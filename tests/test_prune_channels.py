@@ -154,6 +154,9 @@ def test_bad_options_and_targets(tmp_path):
         _pipeline(model, "prune-channels{target-macs=0.001}")
     res = _pipeline(model, "prune-channels{ratio=0.25,exclude=nothing_*}")
     assert any("matched no node" in n for n in res.report.records[0].notes)
+    bad = {"x": np.zeros((2, 3, 64, 64), np.float32), "labels": np.arange(3)}
+    with pytest.raises(graphslim.GraphslimError, match="3 entries for 2 samples"):
+        graphslim.PassManager("prune-channels{ratio=0.25,criterion=taylor}").run(model, data=bad)
 
 
 def test_pruned_torch_module_is_the_users_and_trains():
