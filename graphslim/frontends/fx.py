@@ -368,12 +368,15 @@ class FxGraph(Frontend):
     def weight_gradient_products(self, feeds: list[dict], labels=None, chunks: int = 16
                                  ) -> tuple[dict[str, np.ndarray], str]:
         """w * dL/dw for every floating parameter, keyed like the view's parameter keys
-        (module path + attribute), one row per chunk of consecutive batches (at most `chunks`),
+        (module path + attribute), one row per chunk of consecutive batches (at most `chunks`,
+        fewer for big models so the rows stay under 256 MB),
         so a caller can square per-chunk sums as Molchanov et al. 2019 do (a full-data gradient
         of a trained model is near zero and mostly noise). Loss: cross-entropy against `labels`
         (one per sample) when given, else half the squared norm of the outputs. Eval mode: BN
         statistics are neither used from the batch nor updated."""
         params = dict(self.module.named_parameters())
+        nbytes = sum(p.numel() * 4 for p in params.values())
+        chunks = max(1, min(chunks, (256 << 20) // max(nbytes, 1)))  # rows held: <= 256 MB
         per_chunk = max(1, -(-len(feeds) // chunks))
         rows: dict[str, list] = {k: [] for k in params}
         grads = {k: torch.zeros_like(p) for k, p in params.items()}
