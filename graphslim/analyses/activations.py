@@ -27,6 +27,16 @@ class Gram:
     synthetic: bool
 
 
+def _data_or_synthetic(am: AnalysisManager, what: str) -> tuple:
+    """The user's data, or the seeded verification inputs (logged) when there is none."""
+    if am.data is not None:
+        return am.data, False
+    from graphslim.verify import make_inputs
+
+    log.warning("no data given: %s come from synthetic inputs", what)
+    return make_inputs(am.model.input_specs()), True
+
+
 def _is_pointwise(node) -> bool:
     if node.kind is OpKind.LINEAR:
         return True
@@ -44,13 +54,7 @@ class LayerInputGram(Analysis):
         if not nodes:
             return {}
         specs = am.model.input_specs()
-        synthetic = am.data is None
-        if synthetic:
-            log.warning("no data given: activation statistics come from synthetic inputs")
-            from graphslim.verify import make_inputs
-            source = make_inputs(specs)
-        else:
-            source = am.data
+        source, synthetic = _data_or_synthetic(am, "activation statistics")
         grams: dict[str, np.ndarray] = {}
         rows: dict[str, int] = {}
         values = sorted({n.inputs[0] for n in nodes})
@@ -87,13 +91,7 @@ class TaylorSaliency(Analysis):
     @classmethod
     def compute(cls, am: AnalysisManager) -> Saliency:
         specs = am.model.input_specs()
-        synthetic = am.data is None
-        if synthetic:
-            log.warning("no data given: taylor saliency comes from synthetic inputs")
-            from graphslim.verify import make_inputs
-            source = make_inputs(specs)
-        else:
-            source = am.data
+        source, synthetic = _data_or_synthetic(am, "taylor saliency")
         labels = None if synthetic else source.get(data_mod.LABELS)
         if hasattr(am.model, "weight_gradient_products"):
             feeds = list(data_mod.batches(source, specs, size=64))  # torch takes any batch

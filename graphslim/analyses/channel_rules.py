@@ -67,8 +67,8 @@ class Propagation(LayoutRules):
             rules[kind] = self.elementwise
         creates = (OpKind.CONV, OpKind.LINEAR, OpKind.CONV_TRANSPOSE, OpKind.CONSTANT)
         for node in self.view.nodes():
-            if node.kind not in creates and node.op not in ("Expand", "expand") and not any(
-                    self.labels.get(v) is not None for v in node.inputs):
+            if node.kind not in creates and not any(  # nothing prunable or sliceable flows in
+                    self.labels.get(v) is not None or v in self.const_of for v in node.inputs):
                 for v in node.outputs:
                     self.labels[v] = None
                 continue
