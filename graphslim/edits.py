@@ -88,4 +88,37 @@ class SetAttr:
     value: object
 
 
-Edit = SetParam | Bypass | ReplaceWithChain | SliceParam | SetAttr
+@dataclass(frozen=True)
+class QuantizeValue:
+    """Quantize activation `value` on an affine grid and dequantize it again for its readers
+    (`users`: node names; empty = every reader). ONNX: a QuantizeLinear, and one
+    DequantizeLinear per reader (ONNX Runtime fuses a quantized op only when its DQ inputs are
+    its own); fx: a fake-quantize module (straight-through gradient). `node` names the producer
+    (or the value itself for a graph input), for error messages."""
+
+    node: str
+    value: str
+    scale: float
+    zero_point: int
+    dtype: str = "uint8"  # "uint8" | "int8"
+    users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizeParam:
+    """Store parameter `role` of `node` as the integers `values` (canonical layout, int8 or
+    int32), read through a dequantize (values - zero_point) * scale, per channel along `axis`
+    of the canonical layout (None: per tensor). ONNX: an integer initializer and a
+    DequantizeLinear; fx: a fake-quantize parametrization of the module's float tensor with
+    the same grid (trainable with a straight-through gradient; exports as Q/DQ)."""
+
+    node: str
+    role: str
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+
+
+Edit = (SetParam | Bypass | ReplaceWithChain | SliceParam | SetAttr | QuantizeValue
+        | QuantizeParam)

@@ -4,5 +4,7 @@ from passes.conv_substitute import SeparateConv, SubstituteConv
 from passes.factorize import FactorizeLowRank
 from passes.fold_bn import FoldBatchNorm
 from passes.prune_channels import PruneChannels
+from passes.qdq import InsertQDQ
 
-__all__ = ["FactorizeLowRank", "FoldBatchNorm", "PruneChannels", "SeparateConv", "SubstituteConv"]
+__all__ = ["FactorizeLowRank", "FoldBatchNorm", "InsertQDQ", "PruneChannels", "SeparateConv",
+           "SubstituteConv"]

@@ -19,10 +19,20 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphslim.edits import Bypass, Edit, ReplaceWithChain, SetAttr, SetParam, SliceParam
+from graphslim.edits import (
+    Bypass,
+    Edit,
+    QuantizeParam,
+    QuantizeValue,
+    ReplaceWithChain,
+    SetAttr,
+    SetParam,
+    SliceParam,
+)
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends import onnx_edits as edit
 from graphslim.frontends import onnx_ops as ops
+from graphslim.frontends import onnx_quant as quant
 from graphslim.frontends.base import Frontend, TensorSpec
 from graphslim.frontends.onnx_edits import replace_uses
 from graphslim.ir import GraphView, Node, OpKind
@@ -245,7 +255,14 @@ class OnnxGraph(Frontend):
         touched: set[str] = set()
         kinds = {n.name: n for n in self.view().nodes()}
         computed = self._computed_reshape_targets(edits, by_name)
+        namer = quant.Namer(self.graph) if any(
+            isinstance(e, (QuantizeValue, QuantizeParam)) for e in edits) else None
         for e in edits:
+            if isinstance(e, QuantizeValue):
+                quant.quantize_value(self.graph, namer, e.value, e.scale, e.zero_point, e.dtype,
+                                     e.users)
+                touched.add(e.node)
+                continue
             if e.node not in by_name:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
             if isinstance(e, SetParam):
@@ -258,6 +275,9 @@ class OnnxGraph(Frontend):
                 edit.slice_param(self, by_name[e.node], kinds[e.node], e.role, e.axis, e.keep)
             elif isinstance(e, SetAttr):
                 edit.set_attr(self, by_name[e.node], e.name, e.value, computed.get(e.node))
+            elif isinstance(e, QuantizeParam):
+                quant.quantize_param(self.graph, namer, by_name[e.node], kinds[e.node], e.role,
+                                     e.values, e.scale, e.zero_point, e.axis)
             else:
                 raise TypeError(f"the ONNX frontend cannot apply {type(e).__name__}")
             touched.add(e.node)

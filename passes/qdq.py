@@ -1,0 +1,214 @@
+"""qdq: calibrated int8 quantize / dequantize insertion (weight math in passes/qdq_math.py,
+ranges from graphslim/analyses/calibration.py).
+
+Placement (what keeps ONNX Runtime's kernels integer; FIELD-NOTES: on x86 only uint8
+activations with int8 weights fuse):
+- Every node of the selected `ops` (conv, linear, matmul, add, mul, avgpool, concat, sigmoid,
+  leakyrelu: the ops with an integer kernel in ORT) gets its float activation inputs and its
+  output quantized; conv / linear weights become int8 per output channel (symmetric), biases
+  int32 at scale s_x * s_w.
+- A ReLU / Clip that is the only reader of such an output is absorbed: the grid goes on the
+  activation's output (lower bound 0, so zero point 0) and ORT drops the activation.
+- Data-movement ops (max pool, reshape, flatten, transpose, slice, identity) whose input is
+  quantized get their output quantized on the *same* grid, so ORT runs them on uint8.
+- A quantized op whose output is a graph output keeps a float output (ORT's QGemm /
+  MatMulIntegerToFloat produce float; other ops then stay float with int8 weights).
+
+Ranges: per activation, from the calibration histograms with `method` (minmax, percentile,
+entropy, mse). `max-error` > 0 turns on the sensitivity mode: layers are ranked by the output
+error each causes when quantized alone (on calibration data), and the worst are kept float,
+most sensitive first, until the whole model's relative L2 error on that data is within budget.
+
+Lossy: the pass manager reports the error against the float graph. Preserves nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphslim.analyses.calibration import METHODS, calibrate_range, calibration_of, grid
+from graphslim.edits import QuantizeParam, QuantizeValue
+from graphslim.ir import GraphView, Node, OpKind
+from graphslim.pass_manager import Pass, Plan, register_pass
+from passes import qdq_math as qm
+
+log = logging.getLogger(__name__)
+
+OPS = ("conv", "linear", "matmul", "add", "mul", "avgpool", "concat", "sigmoid", "leakyrelu")
+_PASS_THROUGH = frozenset({OpKind.POOL_MAX, OpKind.RESHAPE, OpKind.FLATTEN, OpKind.TRANSPOSE,
+                           OpKind.SLICE, OpKind.IDENTITY})
+_ABSORBED = frozenset({"relu", "relu6", "clip"})
+ACTIVATION_TYPES = ("uint8", "int8")
+
+
+def op_class(node: Node) -> str | None:
+    """The `ops` name of a node that has an integer kernel, else None."""
+    k = node.kind
+    if k is OpKind.CONV and "weight" in node.params and len(node.attrs.get("kernel_shape",
+                                                                             ())) in (1, 2):
+        return "conv"
+    if k is OpKind.LINEAR and "weight" in node.params:
+        return "linear"
+    simple = {OpKind.MATMUL: "matmul", OpKind.ADD: "add", OpKind.MUL: "mul",
+              OpKind.POOL_GLOBAL_AVG: "avgpool", OpKind.POOL_AVG: "avgpool",
+              OpKind.CONCAT: "concat"}
+    if k in simple:
+        return simple[k]
+    if k is OpKind.ACTIVATION and str(node.attrs.get("fn", "")).lower() in ("sigmoid",
+                                                                           "leakyrelu"):
+        return str(node.attrs["fn"]).lower()
+    return None
+
+
+def _absorbable(node: Node) -> bool:
+    return node.kind is OpKind.ACTIVATION and str(node.attrs.get("fn", "")).lower() in _ABSORBED
+
+
+@register_pass
+@dataclass(frozen=True)
+class InsertQDQ(Pass):
+    name = "qdq"
+    lossless = False
+    summary = "calibrated int8 quantize/dequantize insertion (ORT integer kernels)"
+    method: str = "percentile"
+    percentile: float = 0.9999
+    samples: int = 0
+    weight_bits: int = 8
+    per_channel: bool = True
+    activations: str = "uint8"
+    ops: tuple[str, ...] = OPS
+    exclude: tuple[str, ...] = ()
+    max_error: float = 0.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown calibration method '{self.method}' "
+                             f"(known: {', '.join(METHODS)})")
+        if not 2 <= self.weight_bits <= 8:
+            raise ValueError(f"weight-bits must be in 2..8, not {self.weight_bits}")
+        if self.activations not in ACTIVATION_TYPES:
+            raise ValueError(f"activations must be one of {ACTIVATION_TYPES}, "
+                             f"not '{self.activations}'")
+        bad = [o for o in self.ops if o not in OPS]
+        if bad or not self.ops:
+            raise ValueError(f"ops must be a ';'-list of {', '.join(OPS)}, not "
+                             f"{';'.join(self.ops) or 'nothing'}")
+        if not 0.5 < self.percentile <= 1.0:
+            raise ValueError(f"percentile must be in (0.5, 1], not {self.percentile}")
+        if self.samples < 0 or self.max_error < 0:
+            raise ValueError("samples and max-error must be >= 0")
+
+    def plan(self, view: GraphView, analyses) -> Plan:
+        plan = Plan()
+        chosen = self._select(view, plan)
+        if not chosen:
+            return plan
+        calib = analyses.get(calibration_of(self.samples))
+        if calib.synthetic:
+            plan.notes.append("calibrated on synthetic inputs (no data given): ranges are not "
+                              "those of real data")
+        grids = self._grids(view, chosen, calib, plan)
+        if self.max_error:
+            from passes.qdq_sensitivity import keep_float
+            kept = keep_float(self, view, analyses, chosen, grids, plan)
+            chosen = [n for n in chosen if n.name not in kept]
+            grids = self._grids(view, chosen, calib, plan)
+        self._emit(view, chosen, grids, plan)
+        plan.notes.append(f"calibration: {self.method} on {calib.samples} samples")
+        return plan
+
+    # --- placement ---------------------------------------------------------------------------
+    def _select(self, view: GraphView, plan: Plan) -> list[Node]:
+        chosen = []
+        for n in view.nodes():
+            cls = op_class(n)
+            if cls is None:
+                continue
+            if cls not in self.ops:
+                continue
+            if any(fnmatch.fnmatch(n.name, p) for p in self.exclude):
+                plan.skip(n.name, "excluded by name")
+                continue
+            if not n.inputs:
+                plan.skip(n.name, "no activation input")
+                continue
+            chosen.append(n)
+        return chosen
+
+    def output_value(self, view: GraphView, n: Node) -> str | None:
+        """The value whose grid ends `n`'s integer kernel (a lone ReLU / Clip reader absorbed),
+        or None when it is a graph output (kept float)."""
+        v = n.output
+        users = view.users(v)
+        if len(users) == 1 and _absorbable(users[0]) and not view.is_graph_output(v) and \
+                not any(fnmatch.fnmatch(users[0].name, p) for p in self.exclude):
+            v = users[0].output
+        return None if view.is_graph_output(v) else v
+
+    def _values(self, view: GraphView, chosen: list[Node]) -> tuple[list[str], dict[str, str]]:
+        """Values to quantize, in topological order, and pass-through ties (output -> input)."""
+        wanted: dict[str, None] = {}
+        for n in chosen:
+            for v in n.inputs:
+                wanted[v] = None
+            out = self.output_value(view, n)
+            if out is not None:
+                wanted[out] = None
+        ties: dict[str, str] = {}
+        for n in view.nodes():  # topological: a tie sees its input's final state
+            if n.kind in _PASS_THROUGH and n.inputs and n.inputs[0] in wanted and \
+                    len(n.outputs) == 1 and not view.is_graph_output(n.output):
+                wanted[n.output] = None
+                ties[n.output] = ties.get(n.inputs[0], n.inputs[0])
+        return list(wanted), ties
+
+    def _grids(self, view, chosen, calib, plan) -> dict[str, tuple[float, int]]:
+        values, ties = self._values(view, chosen)
+        qmin, qmax = qm.INT_RANGES[self.activations]
+        grids = {}
+        for v in values:
+            src = ties.get(v, v)
+            h = calib.histograms.get(src)
+            if h is None:
+                plan.skip(view.producer(v).name if view.producer(v) else v,
+                          f"no float statistics for '{v}' (not a float activation)")
+                continue
+            lo, hi = calibrate_range(h, self.method, self.percentile, qmax - qmin + 1)
+            grids[v] = grid(lo, hi, qmin, qmax)
+        return grids
+
+    # --- edits -------------------------------------------------------------------------------
+    def _emit(self, view: GraphView, chosen: list[Node], grids: dict, plan: Plan) -> None:
+        for v, (scale, zp) in grids.items():
+            producer = view.producer(v)
+            plan.edits.append(QuantizeValue(producer.name if producer else v, v, scale, zp,
+                                            self.activations))
+        for n in chosen:
+            if n.kind not in (OpKind.CONV, OpKind.LINEAR):
+                plan.stats[f"int8_{op_class(n)}"] += 1
+                continue
+            self._weights(view, n, grids, plan)
+        plan.stats["quantized_values"] = len(grids)
+
+    def _weights(self, view: GraphView, n: Node, grids: dict, plan: Plan) -> None:
+        w = view.param(n.name, "weight")
+        ws = qm.weight_scales(w, self.weight_bits, self.per_channel)
+        axis = 0 if self.per_channel else None
+        zeros = np.zeros(ws.shape, np.int8)
+        q = qm.quantize(w, ws, zeros, axis, "int8")
+        plan.edits.append(QuantizeParam(n.name, "weight", q, ws, zeros, axis))
+        x = grids.get(n.inputs[0])
+        if "bias" in n.params and x is not None:
+            b = view.param(n.name, "bias")
+            bs = qm.bias_scales(x[0], ws) * np.ones(len(b), np.float32)
+            bz = np.zeros(len(b), np.int32)
+            plan.edits.append(QuantizeParam(n.name, "bias", qm.quantize(b, bs, bz, 0, "int32"),
+                                            bs, bz, 0))
+        plan.stats[f"int8_{op_class(n)}"] += 1
+        err = float(np.linalg.norm(qm.dequantize(q, ws, zeros, axis) - w) /
+                    max(np.linalg.norm(w), 1e-30))
+        plan.details.append({"node": n.name, "weight_rel_error": round(err, 6)})
