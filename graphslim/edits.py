@@ -120,5 +120,18 @@ class QuantizeParam:
     axis: int | None
 
 
+@dataclass(frozen=True)
+class FuseActivation:
+    """Replace `nodes` (in order; the last one's output is the result), which together compute
+    activation `fn` of the first one's input, by one activation op. Frontends list what they
+    can fuse in GraphView.fused_activations. ONNX: "silu" (Sigmoid + Mul) becomes ONNX
+    Runtime's com.microsoft.QuickGelu(alpha=1), the op ORT's own fusion makes of the pair,
+    which it cannot make once each reads its own DequantizeLinear."""
+
+    node: str
+    fn: str
+    nodes: tuple[str, ...]
+
+
 Edit = (SetParam | Bypass | ReplaceWithChain | SliceParam | SetAttr | QuantizeValue
-        | QuantizeParam)
+        | QuantizeParam | FuseActivation)

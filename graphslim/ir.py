@@ -95,6 +95,8 @@ class GraphView:
     #: True where slicing a parameter read by several nodes gives the edited node a private copy
     #: (ONNX constants); False where the nodes share one tensor that is sliced for all (fx)
     private_param_copies: bool = False
+    #: activations (edits.FuseActivation `fn`) this frontend can turn a node chain into
+    fused_activations: frozenset[str] = frozenset()
 
     def __init__(self, nodes: list[Node], inputs: list[str], outputs: list[str],
                  param_users: Mapping[str, tuple[str, ...]]):

@@ -129,3 +129,30 @@ def cpu_channel_block() -> int:
         return 8
     return 16 if " avx512f" in flags else 8
 
+
+
+_CONV_OPS = {"Conv": False, "FusedConv": False, "NhwcFusedConv": False, "QLinearConv": True,
+             "ConvInteger": True, "NhwcQLinearConv": True}
+_MATMUL_OPS = {"MatMul": False, "Gemm": False, "FusedMatMul": False, "FusedGemm": False,
+               "QGemm": True, "QLinearMatMul": True, "MatMulInteger": True,
+               "MatMulIntegerToFloat": True, "DynamicQuantizeMatMul": True}
+
+
+def int8_kernels(model: str | bytes, provider: str = "cpu") -> dict[str, tuple[int, int]]:
+    """How many Conv and MatMul/Gemm nodes ONNX Runtime runs as integer kernels, read from the
+    graph it actually executes (its optimized graph at level ALL): {"conv": (int8, total),
+    "matmul": (int8, total)}."""
+    import os
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="graphslim_ort_") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        make_session(model, provider, "all", threads=1, optimized_model_path=path)
+        ops = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
+    out = {}
+    for key, table in (("conv", _CONV_OPS), ("matmul", _MATMUL_OPS)):
+        hits = [table[o] for o in ops if o in table]
+        out[key] = (sum(hits), len(hits))
+    return out

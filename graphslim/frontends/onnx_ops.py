@@ -25,7 +25,8 @@ SIMPLE_KINDS = {
     "Constant": OpKind.CONSTANT, "Einsum": OpKind.MATMUL,
 }
 ACTIVATIONS = {"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
-                "Gelu", "Clip", "Softplus", "Mish", "PRelu", "Celu", "ThresholdedRelu", "Swish"}
+                "Gelu", "Clip", "Softplus", "Mish", "PRelu", "Celu", "ThresholdedRelu", "Swish",
+               "QuickGelu"}
 ELEMENTWISE = {"Erf", "Sqrt", "Pow", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Cast", "Floor",
                 "Ceil", "Round", "Sin", "Cos", "Where", "Max", "Min", "Equal", "Not", "Expand"}
 ROLES = {

@@ -6,6 +6,7 @@ initializers read through their own Dequantize."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphslim.frontends import onnx_ops as ops
@@ -76,3 +77,26 @@ def quantize_param(graph: gs.Graph, fresh: Namer, g: gs.Node, node: Node, role: 
     graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{const.name}_DequantizeLinear"),
                                attrs, [qc, sc, zc], [out]))
     g.inputs[slot] = out
+
+
+def fuse_activation(graph: gs.Graph, fresh: Namer, by_name: dict, fn: str,
+                    names: tuple[str, ...]) -> None:
+    if fn != "silu":
+        raise ValueError(f"the ONNX frontend cannot fuse activation '{fn}'")
+    chain = [by_name[n] for n in names]
+    x, out = chain[0].inputs[0], chain[-1].outputs[0]
+    for g in chain:
+        g.inputs.clear()
+        g.outputs.clear()
+    graph.nodes.append(gs.Node("QuickGelu", fresh(f"{names[-1]}_silu"), {"alpha": 1.0}, [x],
+                               [out], domain=MS_DOMAIN))
+
+
+MS_DOMAIN = "com.microsoft"
+
+
+def declare_domains(model: onnx.ModelProto) -> None:
+    """Add the opset import of ONNX Runtime's contrib domain where a node uses it."""
+    have = {o.domain for o in model.opset_import}
+    if MS_DOMAIN not in have and any(n.domain == MS_DOMAIN for n in model.graph.node):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))

@@ -1,0 +1,96 @@
+"""The sensitivity mode of qdq (`max-error` > 0): which layers to keep in float.
+
+1. Each conv / linear / matmul is quantized alone (everything else float) in a trial copy of
+   the model, and the relative L2 error of the outputs on calibration samples is its
+   sensitivity.
+2. If quantizing everything exceeds the budget, the k most sensitive layers are kept float, the
+   smallest k found by doubling then bisection (each step one trial of the whole model), so a
+   model of N layers costs N + O(log N) trials.
+
+Trials run on copies (`AnalysisManager.model.copy()`): the plan stays a plan, the model under
+optimization is only changed by the pass manager applying it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from graphslim import data as data_mod
+from graphslim.ir import OpKind
+from graphslim.pass_manager import Plan
+from graphslim.verify import compare
+
+log = logging.getLogger(__name__)
+
+_LAYERS = frozenset({OpKind.CONV, OpKind.LINEAR, OpKind.MATMUL})
+_TRIAL_SAMPLES = 16
+
+
+def keep_float(qdq, view, analyses, chosen, grids, plan: Plan) -> set[str]:
+    feeds = _feeds(analyses)
+    model = analyses.model
+    refs = [model.run(f) for f in feeds]
+    calib = analyses.get(_calibration(qdq))
+
+    def error(subset) -> float:
+        trial_plan = Plan()
+        qdq._emit(view, subset, qdq._grids(view, subset, calib, trial_plan), trial_plan)
+        trial = model.copy()
+        trial.apply(trial_plan.edits)
+        ref = {str(i): v for i, r in enumerate(refs) for v in r.values()}
+        got = {str(i): v for i, f in enumerate(feeds) for v in trial.run(f).values()}
+        return compare(ref, got).rel_l2
+
+    total = error(chosen)
+    layers = [n for n in chosen if n.kind in _LAYERS]
+    if total <= qdq.max_error or not layers:
+        plan.notes.append(f"sensitivity: all layers quantized, error {total:.4g} within "
+                          f"max-error {qdq.max_error}")
+        return set()
+    alone = {n.name: error([m for m in chosen if m.kind not in _LAYERS or m is n])
+             for n in layers}
+    ranked = sorted(layers, key=lambda n: -alone[n.name])
+
+    def without(k: int) -> float:
+        drop = {n.name for n in ranked[:k]}
+        return error([n for n in chosen if n.name not in drop])
+
+    k, err = 1, without(1)
+    while err > qdq.max_error and k < len(ranked):
+        k = min(2 * k, len(ranked))
+        err = without(k)
+    lo = k // 2 + 1 if k > 1 else 1
+    while lo < k:  # smallest k' in [lo, k] within budget (error falls with k, nearly always)
+        mid = (lo + k) // 2
+        e = without(mid)
+        if e <= qdq.max_error:
+            k, err = mid, e
+        else:
+            lo = mid + 1
+    kept = ranked[:k]
+    for n in kept:
+        plan.skip(n.name, f"kept float by sensitivity: error {alone[n.name]:.4g} when quantized "
+                  "alone")
+    plan.notes.append(f"sensitivity: {len(kept)} of {len(layers)} layers kept float, error "
+                      f"{err:.4g} (all quantized: {total:.4g}, max-error {qdq.max_error})")
+    if err > qdq.max_error:
+        plan.notes.append("sensitivity: the budget is not met even with every layer float "
+                          "(the error comes from other quantized ops)")
+    return {n.name for n in kept}
+
+
+def _calibration(qdq):
+    from graphslim.analyses.calibration import calibration_of
+
+    return calibration_of(qdq.samples)
+
+
+def _feeds(analyses) -> list[dict[str, np.ndarray]]:
+    from graphslim.analyses.activations import _data_or_synthetic
+
+    source, _ = _data_or_synthetic(analyses, "sensitivity trials")
+    specs = analyses.model.input_specs()
+    source = {k: np.asarray(v)[:_TRIAL_SAMPLES] for k, v in source.items()}
+    return list(data_mod.batches(source, specs))
