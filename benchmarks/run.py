@@ -83,13 +83,15 @@ def make_variant(bm: BenchModel, variant: str, kind: str, workdir: str) -> dict:
     pipeline = graphslim.parse_pipeline(variant)
     model = graphslim.load(bm.onnx_path, input_shapes={bm.input_name: bm.input_shape})
     t = time.perf_counter()
-    result = graphslim.PassManager(pipeline, verify="end").run(model)
+    data = {bm.input_name: bm.eval_x[:32]}  # calibration: the samples ORT's quantizer gets
+    result = graphslim.PassManager(pipeline, verify="end").run(model, data=data)
     seconds = time.perf_counter() - t
     result.model.save(out)
     module = None
     if bm.module is not None:
+        traced = graphslim.trace(bm.module, bm.example)
         fx_result = graphslim.PassManager(pipeline, verify="off").run(
-            graphslim.trace(bm.module, bm.example))
+            traced, data={traced.view().inputs[0]: bm.eval_x[:32]})
         module = fx_result.model.module
     return {"path": out, "seconds": seconds, "module": module}
 

@@ -201,9 +201,10 @@ class InsertQDQ(Pass):
         for v in values:
             src = ties.get(v, v)
             h = calib.histograms.get(src)
-            if h is None:
+            if h is None or h.nonfinite or h.lo > h.hi:
+                why = "not a float activation" if h is None else "holds inf / NaN (a mask?)"
                 plan.skip(view.producer(v).name if view.producer(v) else v,
-                          f"no float statistics for '{v}' (not a float activation)")
+                          f"'{v}' left float: {why}")
                 continue
             lo, hi = calibrate_range(h, self.method, self.percentile, qmax - qmin + 1)
             grids[v] = grid(lo, hi, qmin, qmax)

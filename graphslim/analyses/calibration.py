@@ -48,6 +48,7 @@ class Histogram:
     counts: np.ndarray
     lo: float
     hi: float
+    nonfinite: int = 0  # inf / NaN entries seen (attention masks): such a value is not quantized
 
     @classmethod
     def of(cls, x: np.ndarray) -> Histogram:
@@ -57,11 +58,13 @@ class Histogram:
 
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float32).reshape(-1)
+        finite = np.isfinite(x)
+        if not finite.all():
+            self.nonfinite += int(x.size - finite.sum())
+            x = x[finite]
         if not x.size:
             return
         lo, hi = float(x.min()), float(x.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise InputError("calibration saw inf / NaN activations (check the calibration data)")
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         need = max(abs(lo), abs(hi), 1e-12)
         if self.half == 0.0:
@@ -195,8 +198,11 @@ def _calibrate(am: AnalysisManager, samples: int) -> Calibration:
     source, synthetic = _data_or_synthetic(am, "calibration ranges")
     if samples:
         source = {k: np.asarray(v)[:samples] for k, v in source.items()}
-    if not synthetic and data_mod.validate(source, specs) == 0:
-        raise InputError("calibration data is empty")
+    if not synthetic:
+        data_mod.validate(source, specs)
+        for k, v in source.items():
+            if np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all():
+                raise InputError(f"calibration data for '{k}' holds inf or NaN")
     values = float_activations(am.view)
     hists: dict[str, Histogram] = {}
     count, peak = 0, 0

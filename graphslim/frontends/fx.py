@@ -17,7 +17,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphslim.edits import Bypass, Edit, Layer, ReplaceWithChain, SetAttr, SetParam, SliceParam
+from graphslim.edits import (
+    Bypass,
+    Edit,
+    Layer,
+    QuantizeParam,
+    QuantizeValue,
+    ReplaceWithChain,
+    SetAttr,
+    SetParam,
+    SliceParam,
+)
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends.base import Frontend, TensorSpec
 from graphslim.ir import GraphView, Node, OpKind
@@ -27,7 +37,7 @@ try:
     from torch import fx, nn
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from graphslim.frontends import fx_edits
+    from graphslim.frontends import fx_edits, fx_quant
     from graphslim.frontends import fx_ops as ops
 except ImportError as _exc:  # pragma: no cover - exercised only without torch
     raise ImportError("the torch frontend needs torch: pip install 'graphslim[torch]'") from _exc
@@ -191,8 +201,8 @@ class FxGraph(Frontend):
                 tensors[key] = tensor
                 users_by_id.setdefault(id(tensor), []).append(n.name)
                 keys_by_id.setdefault(id(tensor), []).append(key)
-            inputs = tuple(a.name for a in n.all_input_nodes)
-            nodes.append(Node(n.name, kind, ops.op_name(n), inputs, (n.name,),
+            args = tuple(a.name for a in n.all_input_nodes)
+            nodes.append(Node(n.name, kind, ops.op_name(n), args, (n.name,),
                               {r: k for r, (k, _) in params.items()}, attrs))
         param_users = {}
         for tid, keys in keys_by_id.items():
@@ -209,6 +219,9 @@ class FxGraph(Frontend):
             roles = ops.ROLE_ATTRS.get(kind)
             params = {}
             leaf_params = [*mod.named_parameters(), *mod.named_buffers()]
+            if isinstance(mod, fx_quant.FakeQuantize):
+                kind, roles, leaf_params = OpKind.IDENTITY, {}, []
+            leaf_params += fx_quant.parametrized_tensors(mod)
             for attr, t in leaf_params:
                 if t is None or not t.is_floating_point():
                     continue
@@ -235,9 +248,19 @@ class FxGraph(Frontend):
         touched: set[str] = set()
         retrace = False
         for e in edits:
+            if isinstance(e, QuantizeValue):
+                fx_quant.quantize_value(self, e.value, e.scale, e.zero_point, e.dtype, e.users)
+                fx_edits.become_graph_module(self, "fake-quantize nodes inserted")
+                touched.add(e.node)
+                continue
             if e.node not in nodes:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
             n = nodes[e.node]
+            if isinstance(e, QuantizeParam):
+                fx_quant.quantize_param(self, n, kinds[e.node], e.role, e.scale, e.axis,
+                                        e.values)
+                touched.add(e.node)
+                continue
             if isinstance(e, (SliceParam, SetAttr)):
                 fx_edits.apply_structural(self, n, kinds[e.node], e)
                 touched.add(e.node)

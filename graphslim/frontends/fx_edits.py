@@ -33,13 +33,13 @@ def apply_structural(m, n: fx.Node, node: Node, e: SliceParam | SetAttr) -> None
         setattr(m.gm.get_submodule(n.target), e.name, int(e.value))
     elif e.name == "shape" and n.op in ("call_method", "call_function"):
         if _set_reshape_sizes(n, e.value):
-            _become_graph_module(m, f"reshape sizes of '{n.name}'")
+            become_graph_module(m, f"reshape sizes of '{n.name}'")
     elif e.name == "split" and n.op in ("call_method", "call_function"):
         if _still_even_chunks(n, e.value):
             return
         n.target = "split" if n.op == "call_method" else torch.split
         n.args = (n.args[0], [int(s) for s in e.value], *n.args[2:])
-        _become_graph_module(m, f"split sizes of '{n.name}'")
+        become_graph_module(m, f"split sizes of '{n.name}'")
     else:
         raise ValueError(f"node '{n.name}' has no settable attribute '{e.name}'")
 
@@ -123,7 +123,7 @@ def _swap_module(m, target: str, new: nn.Module) -> None:
     log.info("fx: '%s' became a %s", target, type(new).__name__)
 
 
-def _become_graph_module(m, why: str) -> None:
+def become_graph_module(m, why: str) -> None:
     if m.module is not m.gm:
         log.info("fx: %s rewritten in the graph; the model is now the traced GraphModule", why)
         m.module = m.gm
