@@ -1,10 +1,12 @@
 """The rewrite passes. Importing this package registers every pass by its textual name."""
 
 from passes.conv_substitute import SeparateConv, SubstituteConv
+from passes.equalize import EqualizeLayers
 from passes.factorize import FactorizeLowRank
 from passes.fold_bn import FoldBatchNorm
 from passes.prune_channels import PruneChannels
 from passes.qdq import InsertQDQ
 
-__all__ = ["FactorizeLowRank", "FoldBatchNorm", "InsertQDQ", "PruneChannels", "SeparateConv",
+__all__ = ["EqualizeLayers", "FactorizeLowRank", "FoldBatchNorm", "InsertQDQ", "PruneChannels",
+           "SeparateConv",
            "SubstituteConv"]
