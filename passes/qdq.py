@@ -139,7 +139,7 @@ class InsertQDQ(Pass):
         grids = self._grids(view, chosen, calib, plan)
         if self.max_error:
             from passes.qdq_sensitivity import keep_float
-            kept = keep_float(self, view, analyses, chosen, grids, plan)
+            kept = keep_float(self, view, analyses, chosen, calib, plan)
             chosen = [n for n in chosen if n.name not in kept]
             grids = self._grids(view, chosen, calib, plan)
         for mul, sig in silus.items():

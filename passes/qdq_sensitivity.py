@@ -28,11 +28,10 @@ _LAYERS = frozenset({OpKind.CONV, OpKind.LINEAR, OpKind.MATMUL})
 _TRIAL_SAMPLES = 16
 
 
-def keep_float(qdq, view, analyses, chosen, grids, plan: Plan) -> set[str]:
+def keep_float(qdq, view, analyses, chosen, calib, plan: Plan) -> set[str]:
     feeds = _feeds(analyses)
     model = analyses.model
     refs = [model.run(f) for f in feeds]
-    calib = analyses.get(_calibration(qdq))
 
     def error(subset) -> float:
         trial_plan = Plan()
@@ -79,12 +78,6 @@ def keep_float(qdq, view, analyses, chosen, grids, plan: Plan) -> set[str]:
         plan.notes.append("sensitivity: the budget is not met even with every layer float "
                           "(the error comes from other quantized ops)")
     return {n.name for n in kept}
-
-
-def _calibration(qdq):
-    from graphslim.analyses.calibration import calibration_of
-
-    return calibration_of(qdq.samples)
 
 
 def _feeds(analyses) -> list[dict[str, np.ndarray]]:

@@ -166,7 +166,7 @@ class Calibration:
     peak_batch_bytes: int  # the largest one batch of captured activations held at once
 
 
-def float_activations(view, shapes: dict | None = None) -> list[str]:
+def float_activations(view) -> list[str]:
     """Values a quantization pass may need ranges for: graph inputs and node outputs, minus
     shape arithmetic (ints never reach the histograms: they are filtered when captured)."""
     values = list(view.inputs)
