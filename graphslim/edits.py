@@ -38,6 +38,10 @@ class Layer:
     """A new CONV or LINEAR layer for ReplaceWithChain, weights in canonical layout.
 
     `strides`, `pads` (ONNX order: all begins, then all ends) and `dilations` default to 1, 0, 1.
+    `form` picks the op that computes it, same function and weights: "" the layer's own op;
+    "matmul" a pointwise 2-D CONV (1x1, stride 1, no padding, groups 1) as a MatMul over the
+    flattened pixels, W (O, C) @ x (N, C, H*W); "gemm" the same conv on a 1x1-pixel input as a
+    Gemm on (N, C); "conv" a LINEAR on (N, C) as a 1x1 conv on (N, C, 1, 1).
     """
 
     kind: OpKind
@@ -47,10 +51,20 @@ class Layer:
     strides: tuple[int, ...] | None = None
     pads: tuple[int, ...] | None = None
     dilations: tuple[int, ...] | None = None
+    form: str = ""
 
     def __post_init__(self):
         if self.kind not in (OpKind.CONV, OpKind.LINEAR):
             raise ValueError(f"a chain layer is CONV or LINEAR, not {self.kind}")
+        if self.form in ("matmul", "gemm") and not (
+                self.kind is OpKind.CONV and self.weight.ndim == 4 and self.groups == 1
+                and self.weight.shape[2:] == (1, 1) and not any(self.pads or ())
+                and all(s == 1 for s in self.strides or ())):
+            raise ValueError(f"form '{self.form}' needs a 1x1 2-D conv with stride 1, no "
+                             "padding and one group")
+        if self.form == "conv" and self.kind is not OpKind.LINEAR or \
+                self.form not in ("", "matmul", "gemm", "conv"):
+            raise ValueError(f"form '{self.form}' does not apply to a {self.kind.value} layer")
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,11 +78,11 @@ class ReplaceWithChain:
 
 @dataclass(frozen=True, eq=False)
 class SliceParam:
-    """Keep only positions `keep` (ascending) of parameter `role` of `node` along `axis` (canonical
-    layout). On fx the module's own tensor is sliced (a module called twice shares it); on ONNX
-    a constant shared with other nodes is copied for this node first (GraphView's
-    `private_param_copies` tells which). The frontend updates layer metadata (channel counts)
-    so the layer describes its new weights."""
+    """Keep only positions `keep` of parameter `role` of `node` along `axis` (canonical layout),
+    in that order: ascending to prune, a permutation to reorder channels. On fx the module's own
+    tensor is sliced (a module called twice shares it); on ONNX a constant shared with other
+    nodes is copied for this node first (GraphView's `private_param_copies` tells which). The
+    frontend updates layer metadata (channel counts) so the layer describes its new weights."""
 
     node: str
     role: str

@@ -10,41 +10,43 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
 
 from graphslim.edits import Layer
-from graphslim.ir import OpKind
+from graphslim.frontends.onnx_edits import layer_nodes
 from graphslim.runtime import Latency, compare, make_session, session_runner
+
+_OPSET = 17
+
+
+class _Namer:
+    """The little of OnnxGraph that layer_nodes needs: fresh names and the opset."""
+
+    opset = _OPSET
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
 
 
 def _graph(layers: Sequence[Layer], in_shape: tuple, tag: str) -> bytes:
-    nodes, inits, src = [], [], "x"
+    """The chain as the ONNX frontend would emit it (same node builder)."""
+    m = _Namer()
+    src = x = gs.Variable(m.fresh("x"), dtype=np.float32, shape=list(in_shape))
+    op = "Gemm" if len(in_shape) == 2 else "MatMul"  # what exporters emit for a linear layer
+    nodes = []
     for i, layer in enumerate(layers):
-        w, out = f"{tag}_w{i}", f"{tag}_y{i}"
-        inputs = [src, w]
-        if layer.kind is OpKind.CONV:
-            nd = layer.weight.ndim - 2
-            inits.append(numpy_helper.from_array(layer.weight.astype(np.float32), w))
-            if layer.bias is not None:
-                inits.append(numpy_helper.from_array(layer.bias.astype(np.float32), f"{w}_b"))
-                inputs.append(f"{w}_b")
-            nodes.append(helper.make_node(
-                "Conv", inputs, [out], group=layer.groups,
-                strides=list(layer.strides or [1] * nd), pads=list(layer.pads or [0] * 2 * nd),
-                dilations=list(layer.dilations or [1] * nd)))
-        else:
-            inits.append(numpy_helper.from_array(layer.weight.T.astype(np.float32), w))
-            nodes.append(helper.make_node("MatMul", inputs, [out if layer.bias is None
-                                                             else f"{out}_mm"]))
-            if layer.bias is not None:
-                inits.append(numpy_helper.from_array(layer.bias.astype(np.float32), f"{w}_b"))
-                nodes.append(helper.make_node("Add", [f"{out}_mm", f"{w}_b"], [out]))
+        out = gs.Variable(m.fresh(f"{tag}_y{i}"), dtype=np.float32)
+        nodes += layer_nodes(m, op, m.fresh(f"{tag}_l{i}"), layer, src, out, np.float32)
         src = out
-    graph = helper.make_graph(
-        nodes, tag, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
-        [helper.make_tensor_value_info(src, TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return model.SerializeToString()
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[src], opset=_OPSET)
+    return gs.export_onnx(graph).SerializeToString()
 
 
 def measure_chain(original: Sequence[Layer], replacement: Sequence[Layer], in_shape: tuple,

@@ -1,33 +1,51 @@
 """conv-substitute: exact rewrites of convolutions into cheaper forms (weight math in
-passes/conv_math.py).
+passes/conv_math.py, channel reordering in passes/channel_order.py).
 
 - `grouped`: a dense conv whose weight is block-diagonal (exact zeros outside g diagonal blocks,
   e.g. after group-structured pruning, or from a converter that expanded groups) becomes a
-  grouped conv with g groups; g = in-channels is a depthwise conv. MACs fall g-fold.
+  grouped conv with g groups; g = in-channels is a depthwise conv. MACs fall g-fold. When the
+  blocks only appear after reordering input and output channels (connected components of the
+  weight's nonzero pattern), the reordering is folded into the neighbours: every tensor that
+  carries those channels (producer rows, norm parameters, consumer columns) is permuted the same
+  way, found by ChannelDeps as for pruning.
 - `merge`: a Conv or Linear followed directly by a pointwise layer (1x1 conv with stride 1 and
   no padding, or Linear) with no nonlinearity between, the first's output read by nothing else,
   becomes one layer, where that costs fewer MACs than the pair (merging an expanding pair saves;
   merging a bottleneck would not, and is skipped with the reason).
+- `to-matmul`: a 1x1 conv (stride 1, no padding, one group) becomes a MatMul over the flattened
+  pixels, or a Gemm when its input is one pixel (the SE blocks' convs after global pooling).
+- `to-conv`: a Linear on (N, C), such as a classifier after global pooling, becomes a 1x1 conv.
+
+Which sites change (`choose`): `cost` takes every rewrite that does not add MACs (the two form
+rewrites keep MACs equal, so they apply wherever asked); `latency` measures each site alone on
+ONNX Runtime CPU (graphslim/sites.py, at the model's batch or `batch`) and rewrites only where the
+new form is at least `min-gain` faster: the field notes measured 1x1 conv -> MatMul slower
+everywhere and FC -> 1x1 conv faster at batch 1 but slower at batch 32, so the form rewrites are
+meant to be used with `choose=latency`.
 
 Lossless: verified against the graph before the pass (fp32 tolerances). Preserves nothing.
-The approximate depthwise-separable rewrite is the `conv-separable` pass below. Not yet here
-(see the issue): 1x1 conv <-> MatMul, Linear after global pooling <-> 1x1 conv, block
-structure under a channel permutation (approximate grouping), choice by measured latency.
+After `to-matmul` with spatial pixels the ONNX graph holds a MatMul other passes do not edit:
+run it last. The approximate rewrites are the `conv-separable` pass below and `conv-group`
+(passes/conv_group.py).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from graphslim.analyses import Shapes
+from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.analyses.cost import chain_macs
-from graphslim.edits import Bypass, Layer, ReplaceWithChain
+from graphslim.edits import Bypass, Edit, Layer, ReplaceWithChain
 from graphslim.ir import GraphView, Node, OpKind, conv_geometry
 from graphslim.pass_manager import Pass, Plan, register_pass
+from passes import channel_order as co
 from passes import conv_math as cm
 
-REWRITES = ("grouped", "merge")
+REWRITES = ("grouped", "merge", "to-matmul", "to-conv")
+DEFAULT_REWRITES = ("grouped", "merge")
+CHOOSERS = ("cost", "latency")
 
 
 def _is_pointwise(node: Node) -> bool:
@@ -39,13 +57,41 @@ def _is_pointwise(node: Node) -> bool:
             and not any(a["pads"]) and all(s == 1 for s in a.get("strides", ())))
 
 
+def _layer(view: GraphView, node: Node, bias: bool = True, **kw) -> Layer:
+    """The node as it is, as an edit-vocabulary Layer."""
+    b = view.param(node.name, "bias") if bias and "bias" in node.params else None
+    geometry = conv_geometry(node) if node.kind is OpKind.CONV else ()
+    groups = node.attrs.get("groups", 1) if node.kind is OpKind.CONV else 1
+    return Layer(node.kind, view.param(node.name, "weight"), b, groups, *geometry, **kw)
+
+
+@dataclass
+class _Candidate:
+    """One site's rewrite: the layers as they are and as they would be (for cost and latency),
+    the edits, the nodes it claims and what the report says."""
+
+    node: str
+    before: tuple[Layer, ...]
+    after: tuple[Layer, ...]
+    in_shape: tuple
+    edits: list[Edit]
+    claims: set[str]
+    stat: str
+    detail: dict
+    groups: set[int] = field(default_factory=set)
+
+
 @register_pass
 @dataclass(frozen=True)
 class SubstituteConv(Pass):
     name = "conv-substitute"
     lossless = True
-    summary = "exact rewrites: block-diagonal conv -> grouped/depthwise, merge linear pairs"
-    rewrites: tuple[str, ...] = REWRITES
+    summary = ("exact rewrites: block-diagonal conv -> grouped/depthwise (under a channel "
+               "reordering too), merge linear pairs, 1x1 conv <-> MatMul/Gemm, Linear -> 1x1 conv")
+    rewrites: tuple[str, ...] = DEFAULT_REWRITES
+    choose: str = "cost"
+    min_gain: float = 0.05
+    batch: int = 0
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -53,53 +99,120 @@ class SubstituteConv(Pass):
         if bad or not self.rewrites:
             raise ValueError(f"rewrites must be a ';'-list of {', '.join(REWRITES)}, "
                              f"not {';'.join(self.rewrites) or 'nothing'}")
+        if "to-matmul" in self.rewrites and "to-conv" in self.rewrites:
+            raise ValueError("to-matmul and to-conv undo each other: ask for one per pass")
+        if self.choose not in CHOOSERS:
+            raise ValueError(f"choose must be one of {', '.join(CHOOSERS)}, not '{self.choose}'")
+        if not 0 <= self.min_gain < 1 or self.batch < 0:
+            raise ValueError("min-gain must be in [0, 1) and batch >= 0 (0: the model's)")
 
     def plan(self, view: GraphView, analyses) -> Plan:
         shapes = analyses.get(Shapes)
         plan = Plan()
         claimed: set[str] = set()
+        permuted: set[int] = set()  # channel groups already reordered by this plan
         for node in view.nodes():
             if any(fnmatch.fnmatch(node.name, p) for p in self.exclude) or node.name in claimed:
                 continue
-            if "merge" in self.rewrites and node.kind in (OpKind.CONV, OpKind.LINEAR):
-                if self._merge(view, node, shapes, plan, claimed):
-                    continue
-            if "grouped" in self.rewrites and node.kind is OpKind.CONV:
-                self._grouped(view, node, plan, claimed)
+            cand = self._candidate(view, node, shapes, analyses, plan)
+            if cand is None:
+                continue
+            if cand.claims & claimed or cand.groups & permuted:
+                plan.skip(node.name, f"{cand.stat}: touches a layer or channels another rewrite "
+                          "of this pass changes; run the pass again")
+                continue
+            if not self._chosen(cand, plan):
+                continue
+            plan.edits += cand.edits
+            claimed |= cand.claims
+            permuted |= cand.groups
+            plan.stats[cand.stat] += 1
+            plan.details.append(cand.detail)
         return plan
 
-    def _grouped(self, view: GraphView, node: Node, plan: Plan, claimed: set) -> None:
+    def _candidate(self, view, node, shapes, analyses, plan) -> _Candidate | None:
+        if node.kind not in (OpKind.CONV, OpKind.LINEAR):
+            return None
+        in_shape = shapes.get(node.inputs[0]) if node.inputs else None
+        if "merge" in self.rewrites:
+            cand = self._merge(view, node, in_shape, plan)
+            if cand is not None:
+                return cand
+        if "grouped" in self.rewrites and node.kind is OpKind.CONV:
+            cand = self._grouped(view, node, in_shape, analyses, plan)
+            if cand is not None:
+                return cand
+        if "to-matmul" in self.rewrites or "to-conv" in self.rewrites:
+            return self._form(view, node, in_shape, plan)
+        return None
+
+    def _chosen(self, cand: _Candidate, plan: Plan) -> bool:
+        if self.choose == "cost":
+            return True
+        from graphslim.sites import measure_chain
+
+        shape = cand.in_shape if not self.batch else (self.batch, *cand.in_shape[1:])
+        before, after = measure_chain(cand.before, cand.after, shape)
+        cand.detail.update(ms_before=round(before.median * 1e3, 4),
+                           ms_after=round(after.median * 1e3, 4), measured_shape=list(shape))
+        if after.median <= (1 - self.min_gain) * before.median:
+            return True
+        plan.skip(cand.node, f"{cand.stat}: measured {after} vs {before} on ORT CPU at input "
+                  f"{list(shape)}, not {self.min_gain:.0%} faster")
+        return False
+
+    def _grouped(self, view, node, in_shape, analyses, plan) -> _Candidate | None:
         if node.attrs.get("groups", 1) != 1 or node.attrs.get("pads") is None:
-            return
+            return None
         weight = view.param(node.name, "weight")
-        groups = cm.block_groups(weight)
-        if groups == 1:
-            return
         bias = view.param(node.name, "bias") if "bias" in node.params else None
+        groups = cm.block_groups(weight)
+        edits: list[Edit] = []
+        claims, touched_groups, detail = {node.name}, set(), {}
+        if groups == 1:
+            groups, out_order, in_order = cm.permuted_blocks(weight)
+            if groups == 1:
+                return None
+            deps = analyses.get(ChannelDepsAnalysis)
+            for axis, order in ((1, in_order), (0, out_order)):
+                found = co.reorder_edits(deps, node.name, axis, order)
+                if isinstance(found, str):
+                    plan.skip(node.name, f"grouped: block-diagonal with {groups} groups after "
+                              f"reordering channels, but {found}")
+                    return None
+                if found.groups & touched_groups:
+                    plan.skip(node.name, f"grouped: block-diagonal with {groups} groups after "
+                              "reordering channels, but its input and output channels are tied "
+                              "(a residual around it) and need different orders")
+                    return None
+                edits += found.edits
+                claims |= found.nodes
+                touched_groups |= found.groups
+            weight = weight[out_order][:, in_order]
+            bias = None if bias is None else bias[out_order]
+            detail["reordered"] = True
         layer = Layer(OpKind.CONV, cm.to_grouped(weight, groups), bias, groups,
                       *conv_geometry(node))
-        plan.edits.append(ReplaceWithChain(node.name, (layer,)))
-        claimed.add(node.name)
         kind = "depthwise" if groups == weight.shape[1] else "grouped"
-        plan.stats[f"to_{kind}"] += 1
-        plan.details.append({"node": node.name, "rewrite": kind, "groups": groups})
+        return _Candidate(node.name, (_layer(view, node),), (layer,), in_shape,
+                          [*edits, ReplaceWithChain(node.name, (layer,))], claims,
+                          f"to_{kind}", {"node": node.name, "rewrite": kind, "groups": groups,
+                                         **detail}, touched_groups)
 
-    def _merge(self, view: GraphView, first: Node, shapes: dict, plan: Plan,
-               claimed: set) -> bool:
+    def _merge(self, view, first, in_shape, plan) -> _Candidate | None:
         users = view.users(first.output)
         if len(users) != 1 or view.is_graph_output(first.output):
-            return False
+            return None
         second = users[0]
-        if not _is_pointwise(second) or second.name in claimed or \
+        if not _is_pointwise(second) or \
                 second.kind is not first.kind and first.kind is OpKind.LINEAR:
-            return False
+            return None
         if first.kind is OpKind.CONV and (first.attrs.get("groups", 1) != 1 or
                                           first.attrs.get("pads") is None):
-            return False
-        in_shape = shapes.get(first.inputs[0])
+            return None
         if not in_shape:
             plan.skip(first.name, "merge: input shape unknown")
-            return False
+            return None
         get = view.param
         w, b = cm.merge_pointwise(get(first.name, "weight"),
                                   get(first.name, "bias") if "bias" in first.params else None,
@@ -107,19 +220,37 @@ class SubstituteConv(Pass):
                                   get(second.name, "bias") if "bias" in second.params else None)
         geometry = conv_geometry(first) if first.kind is OpKind.CONV else ()
         merged = Layer(first.kind, w, b, 1, *geometry)
-        pair = (Layer(first.kind, get(first.name, "weight"), None, 1, *geometry),
-                Layer(second.kind, get(second.name, "weight")))
+        pair = (_layer(view, first), _layer(view, second))
         before, after = chain_macs(pair, in_shape), chain_macs((merged,), in_shape)
         if after >= before:
             plan.skip(first.name, f"merge with '{second.name}': {after} MACs merged vs {before} "
                       "for the pair, not cheaper")
-            return False
-        plan.edits += [ReplaceWithChain(first.name, (merged,)), Bypass(second.name)]
-        claimed.update((first.name, second.name))
-        plan.stats["merged"] += 1
-        plan.details.append({"node": first.name, "rewrite": "merge", "with": second.name,
-                             "macs_before": before, "macs_after": after})
-        return True
+            return None
+        return _Candidate(first.name, pair, (merged,), in_shape,
+                          [ReplaceWithChain(first.name, (merged,)), Bypass(second.name)],
+                          {first.name, second.name}, "merged",
+                          {"node": first.name, "rewrite": "merge", "with": second.name,
+                           "macs_before": before, "macs_after": after})
+
+    def _form(self, view, node, in_shape, plan) -> _Candidate | None:
+        if not in_shape:
+            return None
+        if "to-matmul" in self.rewrites and node.kind is OpKind.CONV:
+            if not _is_pointwise(node) or len(in_shape) != 4 or node.op == "PointwiseMatMul":
+                return None
+            form = "gemm" if in_shape[2:] == (1, 1) else "matmul"
+        elif "to-conv" in self.rewrites and node.kind is OpKind.LINEAR and \
+                node.op != "LinearAsConv":
+            if len(in_shape) != 2:
+                plan.skip(node.name, f"to-conv: input {list(in_shape)} is not (N, C)")
+                return None
+            form = "conv"
+        else:
+            return None
+        layer = _layer(view, node, form=form)
+        return _Candidate(node.name, (_layer(view, node),), (layer,), in_shape,
+                          [ReplaceWithChain(node.name, (layer,))], {node.name}, f"to_{form}",
+                          {"node": node.name, "rewrite": f"to-{form}"})
 
 
 @register_pass

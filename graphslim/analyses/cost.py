@@ -61,9 +61,10 @@ def node_macs(view: GraphView, node: Node, shapes: dict[str, tuple]) -> int:
     if kind is OpKind.MATMUL and "equation" in node.attrs:
         return _einsum_macs(node.attrs["equation"], [shapes.get(v) for v in node.inputs])
     if kind is OpKind.MATMUL and _known(out) and node.inputs:
-        a = shapes.get(node.inputs[0])
-        if not _known(a) and node.params:  # constant left operand (fx / ONNX)
-            a, _ = view.param_info(node.name, next(iter(node.params)))
+        left = "x" if "x" in node.params else "in0" if "in0" in node.params else None
+        a = shapes.get(node.inputs[0]) if left is None else None
+        if not _known(a) and node.params:  # constant left operand (fx / ONNX: role x / in0)
+            a, _ = view.param_info(node.name, left or next(iter(node.params)))
         return _prod(out) * a[-1] if _known(a) else 0
     if kind is OpKind.ATTENTION and len(node.inputs) >= 1:
         return _attention_macs(node, [shapes.get(v) for v in node.inputs])

@@ -1,5 +1,9 @@
 """Modules graphslim swaps into a user's model when torch's own cannot hold the result.
 
+`PointwiseMatMul` / `LinearAsConv`: the same layer computed by another op (conv-substitute's
+to-matmul / to-conv), subclasses of nn.Conv2d / nn.Linear so every pass, `state_dict` and
+training treat them as the layer they are; only `forward` (and so the ONNX export) differs.
+
 `SlimMultiheadAttention`: nn.MultiheadAttention ties the attention's inner width to its input and
 output width (embed_dim) and derives the softmax scale from it; after pruning head dimensions or
 whole heads they differ. This module computes the same function (packed in-projection, scaled
@@ -13,6 +17,28 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class PointwiseMatMul(nn.Conv2d):
+    """A 1x1 conv (stride 1, no padding, one group) computed as W (O, C) @ x (N, C, H*W), or on
+    a 1x1-pixel input as a linear map on (N, C): exports as MatMul / Gemm instead of Conv."""
+
+    def forward(self, x):
+        w = self.weight.flatten(1)
+        if x.shape[2] == 1 and x.shape[3] == 1:
+            return F.linear(x.flatten(1), w, self.bias)[:, :, None, None]
+        y = torch.matmul(w, x.flatten(2))
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.unflatten(2, x.shape[2:])
+
+
+class LinearAsConv(nn.Linear):
+    """A linear layer on (N, C) computed as a 1x1 conv on (N, C, 1, 1): exports as Conv."""
+
+    def forward(self, x):
+        w = self.weight[:, :, None, None]
+        return F.conv2d(x[:, :, None, None], w, self.bias).flatten(1)
 
 
 class SlimMultiheadAttention(nn.Module):

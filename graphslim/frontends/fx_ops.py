@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from graphslim.edits import Layer
-from graphslim.frontends.fx_modules import SlimMultiheadAttention
+from graphslim.frontends.fx_modules import LinearAsConv, PointwiseMatMul, SlimMultiheadAttention
 from graphslim.ir import OpKind
 
 MODULE_KINDS: list[tuple[type, OpKind]] = [
@@ -96,8 +96,11 @@ def make_layer(layer: Layer, like: nn.Module) -> nn.Module:
     w = torch.as_tensor(np.ascontiguousarray(layer.weight), dtype=torch.float32)
     b = None if layer.bias is None else torch.as_tensor(np.ascontiguousarray(layer.bias),
                                                         dtype=torch.float32)
-    if layer.kind is OpKind.LINEAR:
-        mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    if layer.form in ("matmul", "gemm"):
+        mod = PointwiseMatMul(w.shape[1], w.shape[0], 1, bias=b is not None)
+    elif layer.kind is OpKind.LINEAR:
+        cls = LinearAsConv if layer.form == "conv" else nn.Linear
+        mod = cls(w.shape[1], w.shape[0], bias=b is not None)
     else:
         nd = w.ndim - 2
         pads = tuple(layer.pads or (0,) * 2 * nd)

@@ -54,18 +54,20 @@ def replace_with_chain(m, g: gs.Node, node: Node, layers: Sequence[Layer]) -> No
         out = dst if i == len(layers) - 1 else gs.Variable(
             m.fresh(f"{dst.name}_lr{i}"), dtype=dst.dtype)
         name = m.fresh(f"{g.name}_lr{i}")
-        new_nodes.extend(_layer_nodes(m, g.op, name, layer, src, out, dtype))
+        new_nodes.extend(layer_nodes(m, g.op, name, layer, src, out, dtype))
         src = out
     g.inputs.clear()
     g.outputs.clear()
     m.graph.nodes.extend(new_nodes)
 
 
-def _layer_nodes(m, op: str, name: str, layer: Layer, src, out, dtype) -> list[gs.Node]:
+def layer_nodes(m, op: str, name: str, layer: Layer, src, out, dtype) -> list[gs.Node]:
     def const(role, arr):
         return gs.Constant(m.fresh(f"{name}.{role}"), np.ascontiguousarray(
             np.asarray(arr).astype(dtype)))
 
+    if layer.form:
+        return form_nodes(m, name, layer, src, out, const)
     if layer.kind is OpKind.CONV:
         nd = layer.weight.ndim - 2
         attrs = {"group": layer.groups, "kernel_shape": list(layer.weight.shape[2:]),
@@ -87,6 +89,59 @@ def _layer_nodes(m, op: str, name: str, layer: Layer, src, out, dtype) -> list[g
     return [gs.Node("MatMul", name, {}, [src, const("weight", layer.weight.T)], [mid]),
             gs.Node("Add", m.fresh(f"{name}_bias"), {}, [mid, const("bias", layer.bias)],
                     [out])]
+
+
+def form_nodes(m, name: str, layer: Layer, src, out, const) -> list[gs.Node]:
+    """A pointwise layer in another op form (graphslim.edits.Layer.form); reshapes keep the
+    batch dynamic (0 = copy) and the pixels run-time (read with Shape)."""
+    o, c = layer.weight.shape[:2]
+    w2 = layer.weight.reshape(o, c)
+
+    def var(tag):
+        return gs.Variable(m.fresh(f"{out.name}_{tag}"), dtype=out.dtype)
+
+    def ints(tag, values):
+        return gs.Constant(m.fresh(f"{name}.{tag}"), np.asarray(values, dtype=np.int64))
+
+    if layer.form == "conv":  # (N, C) -> (N, C, 1, 1) -> Conv 1x1 -> (N, O)
+        x4, y4 = var("nchw"), var("conv")
+        inputs = [x4, const("weight", w2.reshape(o, c, 1, 1))]
+        if layer.bias is not None:
+            inputs.append(const("bias", layer.bias))
+        return [gs.Node("Reshape", m.fresh(f"{name}_to4d"), {}, [src, ints("shape4", [0, c, 1, 1])],
+                        [x4]),
+                gs.Node("Conv", name, {"kernel_shape": [1, 1]}, inputs, [y4]),
+                gs.Node("Flatten", m.fresh(f"{name}_to2d"), {"axis": 1}, [y4], [out])]
+    if layer.form == "gemm":  # (N, C, 1, 1) -> (N, C) -> Gemm -> (N, O, 1, 1)
+        x2, y2 = var("nc"), var("gemm")
+        inputs = [x2, const("weight", w2)]
+        if layer.bias is not None:
+            inputs.append(const("bias", layer.bias))
+        return [gs.Node("Flatten", m.fresh(f"{name}_to2d"), {"axis": 1}, [src], [x2]),
+                gs.Node("Gemm", name, {"transB": 1}, inputs, [y2]),
+                gs.Node("Reshape", m.fresh(f"{name}_to4d"), {}, [y2, ints("shape4", [0, o, 1, 1])],
+                        [out])]
+    # "matmul": (N, C, H, W) -> (N, C, HW); W (O, C) @ it -> (N, O, HW) -> (N, O, H, W)
+    if m.opset < 10:
+        raise ValueError(f"'{name}': the MatMul form needs opset >= 10 (Slice on a shape)")
+    x3, y3, shape, pixels, target = (var(t) for t in ("ncl", "mm", "shape", "pixels", "target"))
+    shape.dtype = pixels.dtype = target.dtype = np.int64
+    nodes = [gs.Node("Reshape", m.fresh(f"{name}_to3d"), {}, [src, ints("shape3", [0, c, -1])],
+                     [x3]),
+             gs.Node("MatMul", name, {}, [const("weight", w2), x3], [y3])]
+    if layer.bias is not None:
+        y3b = var("mm_bias")
+        nodes.append(gs.Node("Add", m.fresh(f"{name}_bias"), {},
+                             [y3, const("bias", layer.bias.reshape(o, 1))], [y3b]))
+        y3 = y3b
+    nodes += [gs.Node("Shape", m.fresh(f"{name}_shape"), {}, [src], [shape]),
+              gs.Node("Slice", m.fresh(f"{name}_pixels"), {},
+                      [shape, ints("start", [2]), ints("end", [np.iinfo(np.int64).max])],
+                      [pixels]),
+              gs.Node("Concat", m.fresh(f"{name}_target"), {"axis": 0},
+                      [ints("head", [0, o]), pixels], [target]),
+              gs.Node("Reshape", m.fresh(f"{name}_to4d"), {}, [y3, target], [out])]
+    return nodes
 
 
 def _add_bias_after(m, g: gs.Node, bias: np.ndarray) -> None:

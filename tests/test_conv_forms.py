@@ -1,0 +1,249 @@
+"""conv-substitute's form rewrites (1x1 conv <-> MatMul/Gemm, Linear after pooling <-> 1x1 conv)
+and grouping under a channel reordering (exact, conv-substitute; approximate, conv-group), on both
+frontends, on real torchvision architectures where they fire."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import graphslim
+from benchmarks.models import expand_groups
+from passes import conv_math as cm
+from tests.conftest import FP32, assert_matches_torch, count_ops, make_model
+from tests.test_conv_substitute import _block_diag
+
+
+class SqueezeHead(nn.Module):
+    """1x1 convs on 7x7 pixels and on one pixel (an SE block), and a Linear after pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.point = nn.Conv2d(16, 24, 1)
+        self.se1, self.se2 = nn.Conv2d(24, 8, 1), nn.Conv2d(8, 24, 1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.point(torch.relu(self.stem(x))))
+        s = torch.sigmoid(self.se2(torch.relu(self.se1(nn.functional.adaptive_avg_pool2d(y, 1)))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y * s, 1), 1))
+
+
+def _kinds(model) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in model.view().nodes():
+        out[n.kind.value] = out.get(n.kind.value, 0) + 1
+    return out
+
+
+def test_pointwise_convs_to_matmul_and_gemm(frontend, tmp_path):
+    torch.manual_seed(0)
+    module = SqueezeHead().eval()
+    x = torch.randn(2, 3, 7, 7)
+    model = make_model(frontend, module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=to-matmul}", tolerance=FP32)
+    stats = result.report.records[0].stats
+    assert stats["to_matmul"] == 1 and stats["to_gemm"] == 2, stats
+    assert result.report.final.macs == result.report.original.macs
+    if frontend == "onnx":
+        assert count_ops(result.model, "Conv") == 1 and count_ops(result.model, "Gemm") == 3
+        assert count_ops(result.model, "MatMul") == 1
+    else:  # the user's module, still a conv to every pass, exporting as MatMul / Gemm
+        assert type(result.model.module.point[0]).__name__ == "PointwiseMatMul"
+    assert_matches_torch(result.model, module, x, FP32)
+
+
+def test_linear_after_pooling_to_conv(frontend, tmp_path):
+    torch.manual_seed(0)
+    module = SqueezeHead().eval()
+    x = torch.randn(2, 3, 7, 7)
+    model = make_model(frontend, module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=to-conv}", tolerance=FP32)
+    assert result.report.records[0].stats["to_conv"] == 1
+    if frontend == "onnx":
+        assert _kinds(result.model).get("linear", 0) == 0 and count_ops(result.model, "Conv") == 5
+    else:  # still a Linear to every pass, computed (and exported) as a 1x1 conv
+        assert type(result.model.module.fc[0]).__name__ == "LinearAsConv"
+    assert_matches_torch(result.model, module, x, FP32)
+
+
+def test_form_round_trip_keeps_the_function(tmp_path):
+    """Linear -> 1x1 conv -> Gemm again (ONNX), each step verified by the pass manager."""
+    torch.manual_seed(0)
+    module = SqueezeHead().eval()
+    x = torch.randn(1, 3, 7, 7)
+    model = make_model("onnx", module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=to-conv},"
+                                "conv-substitute{rewrites=to-matmul}", tolerance=FP32)
+    assert [r.edits for r in result.report.records] == [1, 4]
+    assert_matches_torch(result.model, module, x, FP32)
+
+
+def test_resnet50_pointwise_convs_to_matmul(tmp_path):
+    torch.manual_seed(0)
+    module = torchvision.models.resnet50().eval()
+    x = torch.randn(1, 3, 64, 64)
+    model = make_model("onnx", module, x, tmp_path)
+    pointwise = sum(1 for m in module.modules() if isinstance(m, nn.Conv2d)
+                    and m.kernel_size == (1, 1) and m.stride == (1, 1))
+    result = graphslim.optimize(model, "conv-substitute{rewrites=to-matmul}", tolerance=FP32)
+    assert result.report.records[0].stats == {"to_matmul": pointwise} and pointwise == 33
+    assert count_ops(result.model, "MatMul") == pointwise
+    # the rewritten graph against the graph it rewrote, both on ORT; atol in units of the
+    # logits' scale (max |ref| = 27 here), as graphslim.verify's fp32 tolerance states it
+    feeds = {"x": x.numpy()}
+    (got,), (ref,) = result.model.run(feeds).values(), model.run(feeds).values()
+    np.testing.assert_allclose(got, ref, rtol=FP32.rtol, atol=FP32.atol * np.abs(ref).max())
+
+
+def test_choose_latency_measures_each_site(tmp_path):
+    """At batch 32 ORT's Gemm beats a 1x1 conv on (32, C, 1, 1) by far (FIELD-NOTES: 6-7x):
+    measured per site, to-conv is refused with the timings."""
+    module = nn.Sequential(nn.Flatten(), nn.Linear(1024, 1000)).eval()
+    model = make_model("onnx", module, torch.randn(32, 1024, 1, 1), tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=to-conv,choose=latency}")
+    rec = result.report.records[0]
+    print("to-conv at batch 32:", [s.reason for s in result.report.skipped()])
+    assert rec.edits == 0 and "measured" in result.report.skipped()[0].reason
+
+
+def _shuffle(a: nn.Conv2d, bn_a: nn.BatchNorm2d, b: nn.Conv2d, perm: torch.Tensor) -> None:
+    """Reorder the channels between `a` (+ its BN) and `b`: same function."""
+    with torch.no_grad():
+        a.weight.copy_(a.weight[perm])
+        if a.bias is not None:
+            a.bias.copy_(a.bias[perm])
+        for t in (bn_a.weight, bn_a.bias, bn_a.running_mean, bn_a.running_var):
+            t.copy_(t[perm])
+        b.weight.copy_(b.weight[:, perm])
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c3 = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return self.c3(torch.relu(self.b2(self.c2(y))))
+
+
+def _shuffled_chain(groups: int) -> Chain:
+    torch.manual_seed(0)
+    m = Chain().eval()
+    for bn in (m.b1, m.b2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    _block_diag(m.c2, groups)
+    _shuffle(m.c1, m.b1, m.c2, torch.randperm(16))
+    _shuffle(m.c2, m.b2, m.c3, torch.randperm(32))
+    return m
+
+
+def test_block_diagonal_after_reordering_becomes_grouped(frontend, tmp_path):
+    module = _shuffled_chain(4)
+    x = torch.randn(2, 3, 8, 8)
+    assert cm.block_groups(module.c2.weight.detach().numpy()) == 1
+    model = make_model(frontend, module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=grouped}", tolerance=FP32)
+    assert result.report.records[0].details[0]["reordered"]
+    assert sorted(n.attrs["groups"] for n in result.model.view().nodes()
+                  if n.kind.value == "conv") == [1, 1, 4]
+    assert_matches_torch(result.model, module, x, FP32)
+
+
+def test_reordering_refused_at_the_graph_input(frontend, tmp_path):
+    """Channels of a graph input cannot be reordered: the conv is left, with the reason."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 1)
+    _block_diag(conv, 2)
+    with torch.no_grad():
+        conv.weight.copy_(conv.weight[:, torch.randperm(8)])
+    module = nn.Sequential(conv).eval()
+    model = make_model(frontend, module, torch.randn(1, 8, 4, 4), tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=grouped}")
+    assert result.report.records[0].edits == 0
+    assert "graph input" in result.report.skipped()[0].reason
+
+
+def test_resnext_expanded_and_shuffled_is_regrouped(tmp_path):
+    """resnext50 whose grouped convs were expanded to dense and whose channels were then
+    reordered (as a converter or a channel-shuffling tool may leave them): all 16 grouped convs
+    come back, exactly."""
+    torch.manual_seed(0)
+    module = torchvision.models.resnext50_32x4d().eval()
+    assert expand_groups(module) == 16
+    for block in (b for stage in (module.layer1, module.layer2, module.layer3, module.layer4)
+                  for b in stage):
+        _shuffle(block.conv1, block.bn1, block.conv2, torch.randperm(block.conv2.in_channels))
+        _shuffle(block.conv2, block.bn2, block.conv3, torch.randperm(block.conv2.out_channels))
+    x = torch.randn(1, 3, 64, 64)
+    model = make_model("onnx", module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=grouped}", tolerance=FP32)
+    groups = [n.attrs["groups"] for n in result.model.view().nodes() if n.kind.value == "conv"]
+    assert groups.count(32) == 16
+    print(f"resnext50 expanded + shuffled: MACs {result.report.original.macs / 1e6:.0f}M -> "
+          f"{result.report.final.macs / 1e6:.0f}M")
+    assert_matches_torch(result.model, module, x, FP32)
+
+
+def test_conv_group_folds_its_reordering_exactly(frontend, tmp_path):
+    """The grouped model equals the original with the off-block weights zeroed in place: the
+    reordering itself is lossless on both frontends."""
+    torch.manual_seed(0)
+    module = Chain().eval()
+    x = torch.randn(2, 3, 8, 8)
+    model = make_model(frontend, module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-group{groups=4,exclude=*c1*;*c3*}")
+    assert result.report.records[0].stats["grouped"] == 1
+    w = module.c2.weight.detach().numpy()
+    out_order, in_order, error = cm.best_blocks(w, 4)
+    out_b, in_b = np.argsort(out_order) // 8, np.argsort(in_order) // 4
+    reference = Chain().eval()
+    reference.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        reference.c2.weight.mul_(torch.as_tensor(out_b[:, None] == in_b[None, :])[:, :, None, None])
+    assert result.report.records[0].details[0]["weight_rel_error"] == pytest.approx(error,
+                                                                                     abs=1e-6)
+    assert_matches_torch(result.model, reference, x, FP32)
+
+
+def test_conv_group_error_falls_as_groups_fall():
+    """On the trained MNIST CNN (real digits): fewer groups, less weight and output error and
+    better accuracy; one epoch of fine-tuning recovers most of it (reported)."""
+    from tests import mnist_cnn
+    net = mnist_cnn.trained()
+    base = mnist_cnn.accuracy(net)
+    model = graphslim.trace(net, mnist_cnn.example())
+    rows = []
+    for g in (8, 4, 2):
+        result = graphslim.optimize(model, f"fold-bn,conv-group{{groups={g},exclude=_0}}")
+        rec = result.report.records[-1]
+        assert rec.stats["grouped"] == 3
+        rows.append((g, max(d["weight_rel_error"] for d in rec.details), rec.error_orig.rel_l2,
+                     mnist_cnn.accuracy(result.model.module), result.report.final.macs))
+    tuned = mnist_cnn.accuracy(mnist_cnn.train(result.model.module, epochs=1, lr=1e-3))
+    print(f"MNIST CNN top-1 {base:.3f}; conv-group (groups, max weight error, logits rel L2, "
+          f"top-1, MACs): {rows}; groups=2 after 1 epoch fine-tuning: {tuned:.3f}")
+    assert all(a[1] > b[1] and a[2] > b[2] and a[4] < b[4] for a, b in zip(rows, rows[1:]))
+    assert rows[-1][3] > rows[0][3] and tuned > rows[-1][3] - 0.005
+
+
+def test_conv_group_budget():
+    """A looser budget lets more layers be grouped; refusals carry the error."""
+    torch.manual_seed(0)
+    module = _shuffled_chain(4)
+    model = graphslim.trace(module, torch.randn(1, 3, 8, 8))
+    strict = graphslim.optimize(model, "conv-group{groups=4,max-error=0.01}").report
+    loose = graphslim.optimize(model, "conv-group{groups=4,max-error=0.99}").report
+    assert strict.records[0].stats["grouped"] == 1  # c2: block-diagonal after reordering
+    assert strict.records[0].details[0]["weight_rel_error"] < 1e-6
+    assert any("above max-error" in s.reason for s in strict.skipped())
+    assert loose.records[0].stats["grouped"] > 1
+    assert loose.records[0].error_orig.rel_l2 > strict.records[0].error_orig.rel_l2
