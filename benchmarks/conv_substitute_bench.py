@@ -1,12 +1,15 @@
-"""conv-substitute / conv-separable: ORT CPU latency of each rewritten site alone and of the whole
-model, before and after, in one run (interleaved medians).
+"""conv-substitute / conv-group / conv-separable: ORT CPU latency of each rewritten site alone and
+of the whole model, before and after, in one run (interleaved medians), one row per rewrite.
 
     python -m benchmarks.conv_substitute_bench [--threads 1] [--repeats 10]
         [--out benchmarks/results/conv_substitute.md]
 
-Cases: resnext50_32x4d with its grouped convs expanded to dense (as some converters emit) ->
-`conv-substitute{rewrites=grouped}`; resnet18 -> `conv-separable{multiplier=1|2}`.
-Random weights: only cost and speed are measured here (accuracy: tests/test_conv_substitute.py).
+Cases: resnext50_32x4d with its grouped convs expanded to dense (as some converters emit), also
+with the channels around them reordered -> `grouped`; resnet50 -> `to-matmul` (forced, and chosen
+by measured latency); mobilenet_v3_large (SE blocks: 1x1 convs on one pixel) -> `to-matmul`
+(Gemm); the classifier Linear -> `to-conv`; resnet50 -> `conv-group` (approximate);
+resnet18 -> `conv-separable`. Random weights: cost and speed only (accuracy and errors:
+tests/test_conv_substitute.py, tests/test_conv_forms.py).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torchvision
 
 import graphslim
 import passes  # noqa: F401
-from benchmarks.models import expand_groups
+from benchmarks.models import expand_groups, shuffle_bottlenecks
 from graphslim.edits import Layer
 from graphslim.ir import OpKind, conv_geometry
 from graphslim.report import format_rows, markdown_rows
@@ -29,33 +32,71 @@ from graphslim.runtime import compare, make_session, session_runner
 from graphslim.sites import measure_chain
 from graphslim.verify import make_inputs
 
-CASES = [("resnext50_32x4d (groups expanded)", "resnext50_32x4d", True,
-          "conv-substitute{rewrites=grouped}"),
-         ("resnet18", "resnet18", False, "conv-separable{multiplier=1}"),
-         ("resnet18", "resnet18", False, "conv-separable{multiplier=2}")]
+CASES = [
+    ("resnext50_32x4d (groups expanded)", "resnext50_32x4d", "expand",
+     "conv-substitute{rewrites=grouped}"),
+    ("resnext50_32x4d (expanded, reordered)", "resnext50_32x4d", "expand+shuffle",
+     "conv-substitute{rewrites=grouped}"),
+    ("resnet50", "resnet50", "", "conv-substitute{rewrites=to-matmul}"),
+    ("resnet50", "resnet50", "", "conv-substitute{rewrites=to-matmul,choose=latency}"),
+    ("mobilenet_v3_large", "mobilenet_v3_large", "", "conv-substitute{rewrites=to-matmul}"),
+    ("mobilenet_v3_large", "mobilenet_v3_large", "",
+     "conv-substitute{rewrites=to-matmul,choose=latency}"),
+    ("mobilenet_v3_large", "mobilenet_v3_large", "", "conv-substitute{rewrites=to-conv}"),
+    ("mobilenet_v3_large", "mobilenet_v3_large", "",
+     "conv-substitute{rewrites=to-conv,choose=latency}"),
+    ("resnet50", "resnet50", "", "conv-group{groups=4}"),
+    ("resnet18", "resnet18", "", "conv-separable{multiplier=1}"),
+    ("resnet18", "resnet18", "", "conv-separable{multiplier=2}"),
+]
+_FORMS = {"to-matmul": "matmul", "to-gemm": "gemm", "to-conv": "conv"}
+
+
+def _as_layer(view, node, **kw) -> Layer:
+    geometry = conv_geometry(node) if node.kind is OpKind.CONV else ()
+    groups = node.attrs.get("groups", 1) if node.kind is OpKind.CONV else 1
+    return Layer(node.kind, view.param(node.name, "weight"), None, groups, *geometry, **kw)
 
 
 def _site_latency(model, result, threads: int) -> str:
-    """Latency of the costliest rewritten site alone, before and after."""
+    """Latency of the costliest rewritten site alone, before and after (forms: the same layer
+    in its new op; other rewrites: the new layers read off the result)."""
     details = result.report.records[-1].details
     if not details:
         return "-"
-    d = max(details, key=lambda d: d.get("macs_before", 0) or 0)
-    view = model.view()
+    view, shapes = model.view(), model.infer_shapes()
+    macs = {n.name: c for n, c in zip(view.nodes(), _macs(model))}
+    d = max(details, key=lambda d: macs.get(d["node"], 0))
     node = view.node(d["node"])
-    shapes = model.infer_shapes()
-    original = (Layer(OpKind.CONV, view.param(node.name, "weight"), None, 1,
-                      *conv_geometry(node)),)
-    new_view = result.model.view()
-    chain = []
-    for n in new_view.nodes():  # the rewritten layers, in order, read off the new graph
-        if n.name.startswith(node.name) and n.kind is OpKind.CONV:
-            chain.append(Layer(OpKind.CONV, new_view.param(n.name, "weight"), None,
-                               n.attrs["groups"], *conv_geometry(n)))
+    original = (_as_layer(view, node),)
+    if d["rewrite"] in _FORMS:
+        chain = [_as_layer(view, node, form=_FORMS[d["rewrite"]])]
+    else:
+        new_view = result.model.view()
+        chain = [_as_layer(new_view, n) for n in new_view.nodes()
+                 if n.name.startswith(node.name) and n.kind is OpKind.CONV]
     if not chain:
         return "-"
     a, b = measure_chain(original, chain, shapes[node.inputs[0]], threads=threads)
-    return f"{a.median * 1e3:.2f} -> {b.median * 1e3:.2f} ({a.median / b.median:.2f}x)"
+    return (f"{node.name}: {a.median * 1e3:.3f} -> {b.median * 1e3:.3f} "
+            f"({a.median / b.median:.2f}x)")
+
+
+def _macs(model) -> list[int]:
+    from graphslim.analyses.cost import node_macs
+
+    view, shapes = model.view(), model.infer_shapes()
+    return [node_macs(view, n, shapes) for n in view.nodes()]
+
+
+def _prepare(name: str, how: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    module = torchvision.models.get_model(name, weights=None).eval()
+    if "expand" in how:
+        expand_groups(module)
+    if "shuffle" in how:
+        shuffle_bottlenecks(module)
+    return module
 
 
 def main(argv=None) -> int:
@@ -64,14 +105,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results/conv_substitute.md")
     args = p.parse_args(argv)
-    rows = [("model", "pipeline", "MACs x", "model ms before", "model ms after", "speedup",
-             "largest site ms (alone)")]
+    rows = [("model", "pipeline", "sites", "MACs x", "model ms before", "model ms after",
+             "speedup", "largest site ms alone (before -> after)")]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, name, expand, text in CASES:
-            torch.manual_seed(0)
-            module = torchvision.models.get_model(name, weights=None).eval()
-            if expand:
-                expand_groups(module)
+        for label, name, how, text in CASES:
+            module = _prepare(name, how)
             path = os.path.join(tmp, "m.onnx")
             torch.onnx.export(module, (torch.randn(1, 3, 224, 224),), path, input_names=["x"],
                               opset_version=17, dynamo=False)
@@ -84,7 +122,10 @@ def main(argv=None) -> int:
             la, lb = compare(session_runner(a, feeds), session_runner(b, feeds),
                              repeats=args.repeats)
             o, f = result.report.original, result.report.final
-            rows.append((label, text, f"{f.macs / o.macs:.2f}", f"{la.median * 1e3:.1f}",
+            rec = result.report.records[-1]
+            considered = len(rec.details) + len(rec.skipped)
+            rows.append((label, text, f"{len(rec.details)}/{considered}",
+                         f"{f.macs / o.macs:.2f}", f"{la.median * 1e3:.1f}",
                          f"{lb.median * 1e3:.1f}", f"{la.median / lb.median:.2f}",
                          _site_latency(model, result, args.threads)))
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
@@ -95,7 +136,8 @@ def main(argv=None) -> int:
             fh.write("# Convolution substitution\n\nCommand: `python -m "
                      f"benchmarks.conv_substitute_bench --threads {args.threads} --repeats "
                      f"{args.repeats}`; ONNX Runtime CPU, opt level ALL, batch 1, 224x224, "
-                     f"interleaved medians.\n\n{markdown_rows(rows)}\n")
+                     "interleaved medians. `sites`: rewritten / considered (rewritten + "
+                     f"skipped with a reason).\n\n{markdown_rows(rows)}\n")
     return 0
 
 

@@ -30,3 +30,31 @@ def expand_groups(module: nn.Module) -> int:
         else:
             count += expand_groups(child)
     return count
+
+
+def reorder_channels(a: nn.Conv2d, bn: nn.BatchNorm2d, b: nn.Conv2d, perm: torch.Tensor) -> None:
+    """Reorder the channels between conv `a` (and its BatchNorm) and conv `b`: same function."""
+    with torch.no_grad():
+        a.weight.copy_(a.weight[perm])
+        if a.bias is not None:
+            a.bias.copy_(a.bias[perm])
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t.copy_(t[perm])
+        b.weight.copy_(b.weight[:, perm])
+
+
+def shuffle_bottlenecks(module: nn.Module, seed: int = 0) -> int:
+    """Reorder, at random, the channels on both sides of every bottleneck's middle conv of a
+    torchvision ResNet/ResNeXt (conv1/bn1 -> conv2 -> bn2/conv3): the same function, but a
+    grouped conv expanded to dense is then block-diagonal only after reordering. Returns how
+    many blocks were shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    count = 0
+    for block in module.modules():
+        if all(hasattr(block, a) for a in ("conv1", "bn1", "conv2", "bn2", "conv3")):
+            reorder_channels(block.conv1, block.bn1, block.conv2,
+                     torch.randperm(block.conv2.in_channels, generator=g))
+            reorder_channels(block.conv2, block.bn2, block.conv3,
+                     torch.randperm(block.conv2.out_channels, generator=g))
+            count += 1
+    return count

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from graphslim.edits import Layer
 from graphslim.frontends.onnx_edits import layer_nodes
+from graphslim.ir import OpKind
 from graphslim.runtime import Latency, compare, make_session, session_runner
 
 _OPSET = 17
@@ -35,8 +36,21 @@ class _Namer:
         return name
 
 
-def _graph(layers: Sequence[Layer], in_shape: tuple, tag: str) -> bytes:
+def _in_context(layers: Sequence[Layer], in_shape: tuple) -> list[Layer]:
+    """The chain between two identity depthwise 1x1 convs: ORT keeps those in its blocked
+    (NCHWc) layout, so a replacement that leaves the layout pays the reorders around it, as it
+    would between the model's other convs (alone, a conv pays them itself and looks slower)."""
+    def identity(channels: int) -> Layer:
+        return Layer(OpKind.CONV, np.ones((channels, 1, 1, 1), np.float32), None, channels)
+
+    out_channels = layers[-1].weight.shape[0]
+    return [identity(in_shape[1]), *layers, identity(out_channels)]
+
+
+def _graph(layers: Sequence[Layer], in_shape: tuple, tag: str, context: bool = False) -> bytes:
     """The chain as the ONNX frontend would emit it (same node builder)."""
+    if context and len(in_shape) == 4:
+        layers = _in_context(layers, in_shape)
     m = _Namer()
     src = x = gs.Variable(m.fresh("x"), dtype=np.float32, shape=list(in_shape))
     op = "Gemm" if len(in_shape) == 2 else "MatMul"  # what exporters emit for a linear layer
@@ -50,12 +64,13 @@ def _graph(layers: Sequence[Layer], in_shape: tuple, tag: str) -> bytes:
 
 
 def measure_chain(original: Sequence[Layer], replacement: Sequence[Layer], in_shape: tuple,
-                  threads: int = 1, repeats: int = 15) -> tuple[Latency, Latency]:
+                  threads: int = 1, repeats: int = 15, context: bool = False
+                  ) -> tuple[Latency, Latency]:
     """Interleaved ORT CPU latency (opt level ALL) of `original` vs `replacement` on a random
-    input of `in_shape`."""
+    input of `in_shape`; with `context`, each between identity convs (see _in_context)."""
     x = {"x": np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)}
-    a = make_session(_graph(original, in_shape, "a"), threads=threads)
-    b = make_session(_graph(replacement, in_shape, "b"), threads=threads)
+    a = make_session(_graph(original, in_shape, "a", context), threads=threads)
+    b = make_session(_graph(replacement, in_shape, "b", context), threads=threads)
     return compare(session_runner(a, x), session_runner(b, x), warmup=3, repeats=repeats)
 
 

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import graphslim
-from benchmarks.models import expand_groups
+from benchmarks.models import expand_groups, reorder_channels, shuffle_bottlenecks
 from passes import conv_math as cm
 from tests.conftest import FP32, assert_matches_torch, count_ops, make_model
 from tests.test_conv_substitute import _block_diag
@@ -111,17 +111,6 @@ def test_choose_latency_measures_each_site(tmp_path):
     assert rec.edits == 0 and "measured" in result.report.skipped()[0].reason
 
 
-def _shuffle(a: nn.Conv2d, bn_a: nn.BatchNorm2d, b: nn.Conv2d, perm: torch.Tensor) -> None:
-    """Reorder the channels between `a` (+ its BN) and `b`: same function."""
-    with torch.no_grad():
-        a.weight.copy_(a.weight[perm])
-        if a.bias is not None:
-            a.bias.copy_(a.bias[perm])
-        for t in (bn_a.weight, bn_a.bias, bn_a.running_mean, bn_a.running_var):
-            t.copy_(t[perm])
-        b.weight.copy_(b.weight[:, perm])
-
-
 class Chain(nn.Module):
     def __init__(self):
         super().__init__()
@@ -141,8 +130,8 @@ def _shuffled_chain(groups: int) -> Chain:
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
     _block_diag(m.c2, groups)
-    _shuffle(m.c1, m.b1, m.c2, torch.randperm(16))
-    _shuffle(m.c2, m.b2, m.c3, torch.randperm(32))
+    reorder_channels(m.c1, m.b1, m.c2, torch.randperm(16))
+    reorder_channels(m.c2, m.b2, m.c3, torch.randperm(32))
     return m
 
 
@@ -178,11 +167,7 @@ def test_resnext_expanded_and_shuffled_is_regrouped(tmp_path):
     come back, exactly."""
     torch.manual_seed(0)
     module = torchvision.models.resnext50_32x4d().eval()
-    assert expand_groups(module) == 16
-    for block in (b for stage in (module.layer1, module.layer2, module.layer3, module.layer4)
-                  for b in stage):
-        _shuffle(block.conv1, block.bn1, block.conv2, torch.randperm(block.conv2.in_channels))
-        _shuffle(block.conv2, block.bn2, block.conv3, torch.randperm(block.conv2.out_channels))
+    assert expand_groups(module) == 16 and shuffle_bottlenecks(module) == 16
     x = torch.randn(1, 3, 64, 64)
     model = make_model("onnx", module, x, tmp_path)
     result = graphslim.optimize(model, "conv-substitute{rewrites=grouped}", tolerance=FP32)
