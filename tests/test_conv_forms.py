@@ -161,7 +161,7 @@ def test_reordering_refused_at_the_graph_input(frontend, tmp_path):
     assert "graph input" in result.report.skipped()[0].reason
 
 
-def test_resnext_expanded_and_shuffled_is_regrouped(tmp_path):
+def test_resnext_expanded_and_shuffled_is_regrouped(frontend, tmp_path):
     """resnext50 whose grouped convs were expanded to dense and whose channels were then
     reordered (as a converter or a channel-shuffling tool may leave them): all 16 grouped convs
     come back, exactly."""
@@ -169,7 +169,7 @@ def test_resnext_expanded_and_shuffled_is_regrouped(tmp_path):
     module = torchvision.models.resnext50_32x4d().eval()
     assert expand_groups(module) == 16 and shuffle_bottlenecks(module) == 16
     x = torch.randn(1, 3, 64, 64)
-    model = make_model("onnx", module, x, tmp_path)
+    model = make_model(frontend, module, x, tmp_path)
     result = graphslim.optimize(model, "conv-substitute{rewrites=grouped}", tolerance=FP32)
     groups = [n.attrs["groups"] for n in result.model.view().nodes() if n.kind.value == "conv"]
     assert groups.count(32) == 16
@@ -232,3 +232,38 @@ def test_conv_group_budget():
     assert any("above max-error" in s.reason for s in strict.skipped())
     assert loose.records[0].stats["grouped"] > 1
     assert loose.records[0].error_orig.rel_l2 > strict.records[0].error_orig.rel_l2
+
+
+class Chain4(nn.Module):
+    """c2 and c3 grouped (4 blocks) over the same middle channel blocks, all channels shuffled:
+    grouping c2 reorders c3's inputs, so c3 is grouped on top of c2's reordering."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c3, self.b3 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.c4 = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.c2(y)))
+        return self.c4(torch.relu(self.b3(self.c3(y))))
+
+
+def test_conv_group_composes_reorderings(frontend, tmp_path):
+    torch.manual_seed(0)
+    module = Chain4().eval()
+    _block_diag(module.c2, 4)
+    _block_diag(module.c3, 4)
+    reorder_channels(module.c1, module.b1, module.c2, torch.randperm(16))
+    reorder_channels(module.c2, module.b2, module.c3, torch.randperm(32))
+    reorder_channels(module.c3, module.b3, module.c4, torch.randperm(32))
+    x = torch.randn(2, 3, 8, 8)
+    model = make_model(frontend, module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-group{groups=4,exclude=*c1*;*c4*}")
+    rec = result.report.records[0]
+    assert rec.stats["grouped"] == 2
+    assert max(d["weight_rel_error"] for d in rec.details) < 1e-6
+    assert "already reordered" in rec.details[1]["kept_input_order"]
+    assert_matches_torch(result.model, module, x, FP32)
