@@ -292,3 +292,49 @@ def test_block_penalty_prepares_conv_group():
           f"{[round(e, 3) for e in errors]}): {acc:.3f} without further fine-tuning")
     assert len(errors) == 3 and max(errors) < 0.15 and after < before / 10
     assert acc >= base - 0.03 and acc > plain_acc + 0.5
+
+
+class ToLinear(nn.Module):
+    """A grouped-after-reordering conv whose output reaches a Linear through pooling and
+    flatten (each channel spread over 4 features): the reordering must move whole runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32 * 4, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = nn.functional.max_pool2d(torch.relu(self.b2(self.c2(y))), 4)
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_reordering_reaches_through_flatten(frontend, tmp_path):
+    torch.manual_seed(0)
+    module = ToLinear().eval()
+    _block_diag(module.c2, 8)
+    perm = torch.randperm(32)
+    with torch.no_grad():  # reorder c2's outputs, b2 and the fc's column runs alike
+        module.c2.weight.copy_(module.c2.weight[perm])
+        module.c2.bias.copy_(module.c2.bias[perm])
+        for t in (module.b2.weight, module.b2.bias, module.b2.running_mean, module.b2.running_var):
+            t.copy_(t[perm])
+        module.fc.weight.copy_(module.fc.weight.reshape(10, 32, 4)[:, perm].reshape(10, 128))
+    x = torch.randn(2, 3, 8, 8)
+    model = make_model(frontend, module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=grouped}", tolerance=FP32)
+    assert result.report.records[0].details[0]["groups"] == 8
+    assert result.report.records[0].details[0]["reordered"]
+    assert_matches_torch(result.model, module, x, FP32)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("conv-group{groups=1}", "groups must be >= 2"),
+    ("conv-substitute{rewrites=to-matmul;to-conv}", "undo each other"),
+    ("conv-substitute{choose=fastest}", "choose must be one of"),
+    ("conv-substitute{min-gain=1.5}", "min-gain"),
+])
+def test_bad_options(text, message):
+    with pytest.raises(graphslim.PipelineError, match=message):
+        graphslim.parse_pipeline(text)
