@@ -7,7 +7,8 @@ of the whole model, before and after, in one run (interleaved medians), one row 
 Cases: resnext50_32x4d with its grouped convs expanded to dense (as some converters emit), also
 with the channels around them reordered -> `grouped`; resnet50 -> `to-matmul` (forced, and chosen
 by measured latency); mobilenet_v3_large (SE blocks: 1x1 convs on one pixel) -> `to-matmul`
-(Gemm); the classifier Linear -> `to-conv`; resnet50 -> `conv-group` (approximate);
+(Gemm); the classifier Linear -> `to-conv`; resnet50 with its 1x1 convs written as MatMuls ->
+`to-conv` (back to Conv); resnet50 -> `conv-group` (approximate);
 resnet18 -> `conv-separable`. Random weights: cost and speed only (accuracy and errors:
 tests/test_conv_substitute.py, tests/test_conv_forms.py).
 """
@@ -45,6 +46,8 @@ CASES = [
     ("mobilenet_v3_large", "mobilenet_v3_large", "", "conv-substitute{rewrites=to-conv}"),
     ("mobilenet_v3_large", "mobilenet_v3_large", "",
      "conv-substitute{rewrites=to-conv,choose=latency}"),
+    ("resnet50 (1x1 convs as MatMul)", "resnet50", "as-matmul",
+     "conv-substitute{rewrites=to-conv}"),
     ("resnet50", "resnet50", "", "conv-group{groups=4}"),
     ("resnet18", "resnet18", "", "conv-separable{multiplier=1}"),
     ("resnet18", "resnet18", "", "conv-separable{multiplier=2}"),
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
             torch.onnx.export(module, (torch.randn(1, 3, 224, 224),), path, input_names=["x"],
                               opset_version=17, dynamo=False)
             model = graphslim.load(path)
+            if how == "as-matmul":  # a model whose 1x1 convs a converter wrote as MatMuls
+                model = graphslim.optimize(model, "conv-substitute{rewrites=to-matmul}").model
+                model.save(path)
             result = graphslim.optimize(model, text)
             out = os.path.join(tmp, "o.onnx")
             result.model.save(out)

@@ -77,6 +77,20 @@ class ReplaceWithChain:
 
 
 @dataclass(frozen=True, eq=False)
+class ReplaceSubgraph:
+    """Replace the nodes `nodes` (the last one's output is the result; each one's output read
+    only inside the set) by `layers` applied in sequence to value `source`: e.g. the Reshape,
+    MatMul, Add, Reshape a converter writes for a 1x1 conv become one Conv. `node` names the
+    first for error messages. Nodes that only computed shapes or constants for the set are
+    left for dead-code removal."""
+
+    node: str
+    nodes: tuple[str, ...]
+    source: str
+    layers: tuple[Layer, ...]
+
+
+@dataclass(frozen=True, eq=False)
 class SliceParam:
     """Keep only positions `keep` of parameter `role` of `node` along `axis` (canonical layout),
     in that order: ascending to prune, a permutation to reorder channels. On fx the module's own
@@ -147,5 +161,5 @@ class FuseActivation:
     nodes: tuple[str, ...]
 
 
-Edit = (SetParam | Bypass | ReplaceWithChain | SliceParam | SetAttr | QuantizeValue
-        | QuantizeParam | FuseActivation)
+Edit = (SetParam | Bypass | ReplaceWithChain | ReplaceSubgraph | SliceParam | SetAttr
+        | QuantizeValue | QuantizeParam | FuseActivation)

@@ -14,7 +14,9 @@ passes/conv_math.py, channel reordering in passes/channel_order.py).
   merging a bottleneck would not, and is skipped with the reason).
 - `to-matmul`: a 1x1 conv (stride 1, no padding, one group) becomes a MatMul over the flattened
   pixels, or a Gemm when its input is one pixel (the SE blocks' convs after global pooling).
-- `to-conv`: a Linear on (N, C), such as a classifier after global pooling, becomes a 1x1 conv.
+- `to-conv`: a Linear on (N, C), such as a classifier after global pooling, becomes a 1x1 conv;
+  a 1x1 conv written as MatMul over flattened pixels (reshape, W (O, C) @ x (N, C, H*W), bias
+  add, reshape back: converters, or to-matmul's own output) becomes one Conv again.
 
 Which sites change (`choose`): `cost` takes every rewrite that does not add MACs (the two form
 rewrites keep MACs equal, so they apply wherever asked); `latency` measures each site alone on
@@ -38,10 +40,12 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from graphslim.analyses import Shapes
 from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.analyses.cost import chain_macs
-from graphslim.edits import Bypass, Edit, Layer, ReplaceWithChain
+from graphslim.edits import Bypass, Edit, Layer, ReplaceSubgraph, ReplaceWithChain
 from graphslim.ir import GraphView, Node, OpKind, conv_geometry
 from graphslim.pass_manager import Pass, Plan, register_pass
 from passes import channel_order as co
@@ -83,6 +87,91 @@ class _Candidate:
     stat: str
     detail: dict
     groups: set[int] = field(default_factory=set)
+
+
+def _constants(view: GraphView, node: Node) -> dict[int, np.ndarray]:
+    """Constant operands of `node` by input slot: parameters (ONNX: roles x / in<i>) and
+    values made by CONSTANT nodes (fx get_attr)."""
+    found = {}
+    for role in node.params:
+        slot = 0 if role == "x" else int(role[2:]) if role[2:].isdigit() else None
+        if slot is not None:
+            found[slot] = view.param(node.name, role)
+    for i, value in enumerate(node.inputs):
+        producer = view.producer(value)
+        if producer is not None and producer.kind is OpKind.CONSTANT and "value" in \
+                producer.params:
+            found[i] = view.param(producer.name, "value")
+    return found
+
+
+_SHAPE_MATH = (OpKind.SHAPE, OpKind.SLICE, OpKind.CONCAT, OpKind.RESHAPE, OpKind.ELEMENTWISE)
+
+
+def _only_user(view: GraphView, node: Node, shape_reads: list | None = None) -> Node | None:
+    """The one reader of `node`'s output; readers of its shape only (exporters compute reshape
+    targets from it) are collected in `shape_reads` when given."""
+    users = view.users(node.output)
+    if shape_reads is not None:
+        shape_reads += [u for u in users if u.kind is OpKind.SHAPE]
+        users = [u for u in users if u.kind is not OpKind.SHAPE]
+    return users[0] if len(users) == 1 and not view.is_graph_output(node.output) else None
+
+
+def _only_feeds(view: GraphView, starts: list[Node], end: Node) -> bool:
+    """Whether everything computed from `starts` (shape reads) ends in `end`: then removing the
+    chain leaves them dead, not dangling."""
+    stack, seen = list(starts), set()
+    while stack:
+        n = stack.pop()
+        if n.name == end.name or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.kind not in _SHAPE_MATH or view.is_graph_output(n.output):
+            return False
+        stack += view.users(n.output)
+    return True
+
+
+def _pixel_matmul(view: GraphView, node: Node, shapes: dict) -> _Candidate | None:
+    """W (O, C) @ x (N, C, H*W) between a reshape of a 4-D x and a reshape back to (N, O, H, W),
+    with an optional bias Add (O, 1) before the reshape back: a 1x1 conv written as a MatMul
+    (converters; conv-substitute's own to-matmul). Becomes one Conv."""
+    consts = _constants(view, node)
+    w = consts.get(0)
+    data = [v for v in node.inputs if view.producer(v) is None
+            or view.producer(v).kind is not OpKind.CONSTANT]
+    if w is None or w.ndim != 2 or len(data) != 1 or 1 in consts:
+        return None
+    flat = view.producer(data[0])
+    if flat is None or flat.kind not in (OpKind.RESHAPE, OpKind.FLATTEN) or \
+            _only_user(view, flat) is not node:
+        return None
+    x, (o, c) = flat.inputs[0], w.shape
+    xs = shapes.get(x)
+    if not xs or len(xs) != 4 or shapes.get(flat.output) != (xs[0], c, xs[2] * xs[3]):
+        return None
+    shape_reads: list[Node] = []
+    chain, bias, nxt = [flat, node], None, _only_user(view, node, shape_reads)
+    if nxt is not None and nxt.kind is OpKind.ADD:
+        b = [v for v in _constants(view, nxt).values() if v.size == o and v.shape[-1] == 1]
+        if len(b) != 1 or len(nxt.inputs) - len(_constants(view, nxt)) > 1:
+            return None
+        bias = b[0].reshape(o)
+        chain.append(nxt)
+        nxt = _only_user(view, nxt, shape_reads)
+    if nxt is None or nxt.kind is not OpKind.RESHAPE or \
+            shapes.get(nxt.output) != (xs[0], o, xs[2], xs[3]) or \
+            not _only_feeds(view, shape_reads, nxt):
+        return None
+    chain.append(nxt)
+    weight = np.asarray(w).reshape(o, c, 1, 1)
+    conv = Layer(OpKind.CONV, weight, bias)
+    return _Candidate(node.name, (Layer(OpKind.CONV, weight, bias, form="matmul"),), (conv,),
+                      xs, [ReplaceSubgraph(flat.name, tuple(n.name for n in chain), x, (conv,))],
+                      {n.name for n in chain}, "matmul_to_conv",
+                      {"node": node.name, "rewrite": "matmul-to-conv",
+                       "nodes": [n.name for n in chain]})
 
 
 @register_pass
@@ -135,6 +224,8 @@ class SubstituteConv(Pass):
         return plan
 
     def _candidate(self, view, node, shapes, analyses, plan) -> _Candidate | None:
+        if node.kind is OpKind.MATMUL and "to-conv" in self.rewrites:
+            return _pixel_matmul(view, node, shapes)
         if node.kind not in (OpKind.CONV, OpKind.LINEAR):
             return None
         in_shape = shapes.get(node.inputs[0]) if node.inputs else None

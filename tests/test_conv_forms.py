@@ -1,6 +1,7 @@
-"""conv-substitute's form rewrites (1x1 conv <-> MatMul/Gemm, Linear after pooling <-> 1x1 conv)
-and grouping under a channel reordering (exact, conv-substitute; approximate, conv-group), on both
-frontends, on real torchvision architectures where they fire."""
+"""conv-substitute's form rewrites (1x1 conv <-> MatMul over pixels / Gemm, Linear after pooling
+<-> 1x1 conv) and grouping under a channel reordering (exact, conv-substitute; approximate,
+conv-group; the block penalty that prepares for it), on both frontends, on real torchvision
+architectures where they fire."""
 
 from __future__ import annotations
 
@@ -93,11 +94,17 @@ def test_resnet50_pointwise_convs_to_matmul(tmp_path):
     result = graphslim.optimize(model, "conv-substitute{rewrites=to-matmul}", tolerance=FP32)
     assert result.report.records[0].stats == {"to_matmul": pointwise} and pointwise == 33
     assert count_ops(result.model, "MatMul") == pointwise
+    back = graphslim.optimize(result.model, "conv-substitute{rewrites=to-conv}", tolerance=FP32)
+    assert back.report.records[0].stats == {"matmul_to_conv": pointwise, "to_conv": 1}  # + fc
+    assert count_ops(back.model, "MatMul") == 0 and count_ops(back.model, "Conv") == \
+        count_ops(model, "Conv") + 1
     # the rewritten graph against the graph it rewrote, both on ORT; atol in units of the
     # logits' scale (max |ref| = 27 here), as graphslim.verify's fp32 tolerance states it
     feeds = {"x": x.numpy()}
-    (got,), (ref,) = result.model.run(feeds).values(), model.run(feeds).values()
-    np.testing.assert_allclose(got, ref, rtol=FP32.rtol, atol=FP32.atol * np.abs(ref).max())
+    (ref,) = model.run(feeds).values()
+    for m in (result.model, back.model):
+        (got,) = m.run(feeds).values()
+        np.testing.assert_allclose(got, ref, rtol=FP32.rtol, atol=FP32.atol * np.abs(ref).max())
 
 
 def test_choose_latency_measures_each_site(tmp_path):
@@ -338,3 +345,28 @@ def test_reordering_reaches_through_flatten(frontend, tmp_path):
 def test_bad_options(text, message):
     with pytest.raises(graphslim.PipelineError, match=message):
         graphslim.parse_pipeline(text)
+
+
+class PixelMatMul(nn.Module):
+    """A 1x1 conv written as a MatMul over flattened pixels, as converters emit it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.w, self.b = nn.Parameter(torch.randn(24, 16)), nn.Parameter(torch.randn(24, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        z = torch.matmul(self.w, y.flatten(2)) + self.b
+        return torch.relu(z.unflatten(2, (6, 6)))
+
+
+def test_matmul_over_pixels_to_conv(frontend, tmp_path):
+    torch.manual_seed(0)
+    module = PixelMatMul().eval()
+    x = torch.randn(2, 3, 6, 6)
+    model = make_model(frontend, module, x, tmp_path)
+    result = graphslim.optimize(model, "conv-substitute{rewrites=to-conv}", tolerance=FP32)
+    assert result.report.records[0].stats == {"matmul_to_conv": 1}
+    assert _kinds(result.model).get("matmul", 0) == 0 and _kinds(result.model)["conv"] == 2
+    assert_matches_torch(result.model, module, x, FP32)

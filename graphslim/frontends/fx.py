@@ -23,6 +23,7 @@ from graphslim.edits import (
     Layer,
     QuantizeParam,
     QuantizeValue,
+    ReplaceSubgraph,
     ReplaceWithChain,
     SetAttr,
     SetParam,
@@ -255,6 +256,11 @@ class FxGraph(Frontend):
                 continue
             if e.node not in nodes:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
+            if isinstance(e, ReplaceSubgraph):
+                self._replace_subgraph(nodes, e)
+                touched.add(e.node)
+                retrace = True
+                continue
             n = nodes[e.node]
             if isinstance(e, QuantizeParam):
                 fx_quant.quantize_param(self, n, kinds[e.node], e.role, e.scale, e.axis,
@@ -303,6 +309,26 @@ class FxGraph(Frontend):
         chain.requires_grad_(ref.requires_grad)
         _set_submodule(self.module, n.target, chain)
         _set_submodule(self.gm, n.target, chain)
+
+    def _replace_subgraph(self, nodes: dict[str, fx.Node], e: ReplaceSubgraph) -> None:
+        """A new module (the layers in an nn.Sequential) called on `source` in place of the
+        chain; the chain and what only it used (get_attr weights, shape reads) are removed."""
+        chain = [nodes[name] for name in e.nodes]
+        if e.source not in nodes:
+            raise ValueError(f"node '{e.node}': unknown source value '{e.source}'")
+        ref = next((p for p in self.gm.parameters()), None)
+        mod = nn.Sequential(*(ops.make_layer(layer, None) for layer in e.layers))
+        if ref is not None:
+            mod = mod.to(dtype=ref.dtype, device=ref.device)
+        target, k = f"{chain[0].name}_sub", 1
+        while hasattr(self.gm, target):
+            target, k = f"{chain[0].name}_sub{k}", k + 1
+        self.gm.add_submodule(target, mod)
+        with self.gm.graph.inserting_before(chain[-1]):
+            new = self.gm.graph.call_module(target, (nodes[e.source],))
+        chain[-1].replace_all_uses_with(new)
+        self.gm.graph.eliminate_dead_code()
+        fx_edits.become_graph_module(self, f"'{e.node}' and the nodes after it")
 
     def _set_param(self, n: fx.Node, node: Node, role: str, value: np.ndarray) -> None:
         attr = ops.ROLE_ATTRS.get(node.kind, {}).get(role, role)

@@ -25,6 +25,7 @@ from graphslim.edits import (
     FuseActivation,
     QuantizeParam,
     QuantizeValue,
+    ReplaceSubgraph,
     ReplaceWithChain,
     SetAttr,
     SetParam,
@@ -272,7 +273,9 @@ class OnnxGraph(Frontend):
                 continue
             if e.node not in by_name:
                 raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
-            if isinstance(e, SetParam):
+            if isinstance(e, ReplaceSubgraph):
+                edit.replace_subgraph(self, [by_name[n] for n in e.nodes], e.source, e.layers)
+            elif isinstance(e, SetParam):
                 edit.set_param(self, by_name[e.node], kinds[e.node], e.role, e.value)
             elif isinstance(e, Bypass):
                 edit.bypass(self, by_name[e.node])

@@ -91,6 +91,26 @@ def layer_nodes(m, op: str, name: str, layer: Layer, src, out, dtype) -> list[gs
                     [out])]
 
 
+def replace_subgraph(m, nodes: Sequence[gs.Node], source: str, layers: Sequence[Layer]) -> None:
+    src = next((t for g in nodes for t in g.inputs if t.name == source), None)
+    if src is None:
+        raise ValueError(f"node '{nodes[0].name}': value '{source}' is not an input of the "
+                         "nodes to replace")
+    dst = nodes[-1].outputs[0]
+    dtype = ops.np_dtype(dst) if dst.dtype is not None else np.dtype(np.float32)
+    new_nodes = []
+    for i, layer in enumerate(layers):
+        out = dst if i == len(layers) - 1 else gs.Variable(
+            m.fresh(f"{dst.name}_sub{i}"), dtype=dst.dtype)
+        new_nodes.extend(layer_nodes(m, "Gemm", m.fresh(f"{nodes[0].name}_sub{i}"), layer, src,
+                                     out, dtype))
+        src = out
+    for g in nodes:
+        g.inputs.clear()
+        g.outputs.clear()
+    m.graph.nodes.extend(new_nodes)
+
+
 def form_nodes(m, name: str, layer: Layer, src, out, const) -> list[gs.Node]:
     """A pointwise layer in another op form (graphslim.edits.Layer.form); reshapes keep the
     batch dynamic (0 = copy) and the pixels run-time (read with Shape)."""
