@@ -72,17 +72,22 @@ def _site_latency(model, result, threads: int) -> str:
     macs = {n.name: c for n, c in zip(view.nodes(), _macs(model))}
     d = max(details, key=lambda d: macs.get(d["node"], 0))
     node = view.node(d["node"])
-    original = (_as_layer(view, node),)
-    if d["rewrite"] in _FORMS:
+    new_view = result.model.view()
+    if d["rewrite"] == "matmul-to-conv":  # the Reshape/MatMul/Reshape chain became one conv
+        conv = next(n for n in new_view.nodes() if n.name.startswith(d["nodes"][0]))
+        layer = _as_layer(new_view, conv)
+        original, chain = (Layer(OpKind.CONV, layer.weight, form="matmul"),), [layer]
+        in_shape = result.model.infer_shapes()[conv.inputs[0]]
+    elif d["rewrite"] in _FORMS:
+        original, in_shape = (_as_layer(view, node),), shapes[node.inputs[0]]
         chain = [_as_layer(view, node, form=_FORMS[d["rewrite"]])]
     else:
-        new_view = result.model.view()
+        original, in_shape = (_as_layer(view, node),), shapes[node.inputs[0]]
         chain = [_as_layer(new_view, n) for n in new_view.nodes()
                  if n.name.startswith(node.name) and n.kind is OpKind.CONV]
     if not chain:
         return "-"
-    a, b = measure_chain(original, chain, shapes[node.inputs[0]], threads=threads,
-                         context=True)
+    a, b = measure_chain(original, chain, in_shape, threads=threads, context=True)
     return (f"{node.name}: {a.median * 1e3:.3f} -> {b.median * 1e3:.3f} "
             f"({a.median / b.median:.2f}x)")
 
