@@ -85,8 +85,10 @@ class GroupConv(Pass):
             groups[axis] = found[1].index
             if groups[axis] in fixed_groups:
                 fixed[axis] = "already reordered for another layer of this run"
-        if len(groups) == 2 and groups[0] == groups[1] and not fixed:
-            fixed[1] = "its input and output channels are tied (a residual around it)"
+        if co.groups_of(deps, node.name, 0) & co.groups_of(deps, node.name, 1):
+            # one reordering would move both sides; blocks need them apart: keep both orders
+            fixed = {a: "its input and output channels are tied (a residual around it)"
+                     for a in (0, 1)}
         out_order, in_order, error = cm.best_blocks(weight, g, fix_out=0 in fixed,
                                                      fix_in=1 in fixed)
         if self.max_error and error > self.max_error:

@@ -272,16 +272,16 @@ class SubstituteConv(Pass):
             if groups == 1:
                 return None
             deps = analyses.get(ChannelDepsAnalysis)
+            if co.groups_of(deps, node.name, 0) & co.groups_of(deps, node.name, 1):
+                plan.skip(node.name, f"grouped: block-diagonal with {groups} groups after "
+                          "reordering channels, but its input and output channels are tied "
+                          "(a residual around it): one reordering would move both sides")
+                return None
             for axis, order in ((1, in_order), (0, out_order)):
                 found = co.reorder_edits(deps, node.name, axis, order)
                 if isinstance(found, str):
                     plan.skip(node.name, f"grouped: block-diagonal with {groups} groups after "
                               f"reordering channels, but {found}")
-                    return None
-                if found.groups & touched_groups:
-                    plan.skip(node.name, f"grouped: block-diagonal with {groups} groups after "
-                              "reordering channels, but its input and output channels are tied "
-                              "(a residual around it) and need different orders")
                     return None
                 edits += found.edits
                 claims |= found.nodes

@@ -370,3 +370,39 @@ def test_matmul_over_pixels_to_conv(frontend, tmp_path):
     assert result.report.records[0].stats == {"matmul_to_conv": 1}
     assert _kinds(result.model).get("matmul", 0) == 0 and _kinds(result.model)["conv"] == 2
     assert_matches_torch(result.model, module, x, FP32)
+
+
+class Residual(nn.Module):
+    """x + conv(x): the conv's input and output channels are one channel group."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return self.c3(torch.relu(y + self.c2(y)))
+
+
+def test_tied_channels_are_never_reordered(frontend, tmp_path):
+    """A residual ties the conv's input to its output: the exact rewrite refuses (one reordering
+    would move both sides); conv-group keeps both orders, so its result equals the original
+    with the off-block weights zeroed in place."""
+    torch.manual_seed(0)
+    module = Residual().eval()
+    _block_diag(module.c2, 4)
+    with torch.no_grad():  # block-diagonal only after reordering the outputs alone
+        module.c2.weight.copy_(module.c2.weight[torch.randperm(16)])
+    x = torch.randn(2, 3, 8, 8)
+    model = make_model(frontend, module, x, tmp_path)
+    exact = graphslim.optimize(model, "conv-substitute{rewrites=grouped}")
+    assert exact.report.records[0].edits == 0
+    assert "tied" in exact.report.skipped()[0].reason
+    approx = graphslim.optimize(model, "conv-group{groups=4,exclude=*c1*;*c3*}")
+    assert "tied" in approx.report.records[0].details[0]["kept_input_order"]
+    reference = Residual().eval()
+    reference.load_state_dict(module.state_dict())
+    _block_diag(reference.c2, 4)
+    assert_matches_torch(approx.model, reference, x, FP32)
