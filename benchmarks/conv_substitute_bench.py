@@ -2,12 +2,13 @@
 of the whole model, before and after, in one run (interleaved medians), one row per rewrite.
 
     python -m benchmarks.conv_substitute_bench [--threads 1] [--repeats 10]
-        [--out benchmarks/results/conv_substitute.md]
+        [--out benchmarks/results/conv_substitute.md] [--only TEXT]
 
 Cases: resnext50_32x4d with its grouped convs expanded to dense (as some converters emit), also
 with the channels around them reordered -> `grouped`; resnet50 -> `to-matmul` (forced, and chosen
 by measured latency); mobilenet_v3_large (SE blocks: 1x1 convs on one pixel) -> `to-matmul`
-(Gemm); the classifier Linear -> `to-conv`; resnet50 with its 1x1 convs written as MatMuls ->
+(Gemm); the classifier Linear -> `to-conv`, also on alexnet (9216 -> 4096 -> 4096 FC layers,
+chosen by latency at batch 1 and at batch 32); resnet50 with its 1x1 convs written as MatMuls ->
 `to-conv` (back to Conv); resnet50 -> `conv-group` (approximate);
 resnet18 -> `conv-separable`. Random weights: cost and speed only (accuracy and errors:
 tests/test_conv_substitute.py, tests/test_conv_forms.py).
@@ -46,6 +47,8 @@ CASES = [
     ("mobilenet_v3_large", "mobilenet_v3_large", "", "conv-substitute{rewrites=to-conv}"),
     ("mobilenet_v3_large", "mobilenet_v3_large", "",
      "conv-substitute{rewrites=to-conv,choose=latency}"),
+    ("alexnet", "alexnet", "", "conv-substitute{rewrites=to-conv,choose=latency}"),
+    ("alexnet", "alexnet", "", "conv-substitute{rewrites=to-conv,choose=latency,batch=32}"),
     ("resnet50 (1x1 convs as MatMul)", "resnet50", "as-matmul",
      "conv-substitute{rewrites=to-conv}"),
     ("resnet50", "resnet50", "", "conv-group{groups=4}"),
@@ -114,11 +117,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results/conv_substitute.md")
+    p.add_argument("--only", default="", help="run only cases whose model or pipeline "
+                   "contains this text (and write no results file)")
     args = p.parse_args(argv)
+    cases = [c for c in CASES if args.only in c[0] or args.only in c[3]]
+    if args.only:
+        args.out = ""
     rows = [("model", "pipeline", "sites", "MACs x", "model ms before", "model ms after",
              "speedup", "largest site ms in context (before -> after)")]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, name, how, text in CASES:
+        for label, name, how, text in cases:
             module = _prepare(name, how)
             path = os.path.join(tmp, "m.onnx")
             torch.onnx.export(module, (torch.randn(1, 3, 224, 224),), path, input_names=["x"],

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from graphslim.edits import Layer
 from graphslim.frontends.onnx_edits import layer_nodes
 from graphslim.ir import OpKind
-from graphslim.runtime import Latency, compare, make_session, session_runner
+from graphslim.runtime import Latency, compare, make_session, measure, session_runner
 
 _OPSET = 17
 
@@ -71,7 +71,12 @@ def measure_chain(original: Sequence[Layer], replacement: Sequence[Layer], in_sh
     x = {"x": np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)}
     a = make_session(_graph(original, in_shape, "a", context), threads=threads)
     b = make_session(_graph(replacement, in_shape, "b", context), threads=threads)
-    return compare(session_runner(a, x), session_runner(b, x), warmup=3, repeats=repeats)
+    run_a, run_b = session_runner(a, x), session_runner(b, x)
+    # small sites (tens of microseconds) need many calls for a stable median: aim for ~0.1 s
+    # of timing per side, at least `repeats` and at most 1000 calls
+    probe = measure(run_a, warmup=2, repeats=3).median
+    repeats = int(min(1000, max(repeats, 0.1 / max(probe, 1e-6))))
+    return compare(run_a, run_b, warmup=3, repeats=repeats)
 
 
 __all__ = ["measure_chain"]
