@@ -337,6 +337,12 @@ class SubstituteConv(Pass):
             if not _is_pointwise(node) or len(in_shape) != 4 or node.op == "PointwiseMatMul":
                 return None
             form = "gemm" if in_shape[2:] == (1, 1) else "matmul"
+        elif "to-conv" in self.rewrites and node.op == "PointwiseMatMul":  # fx's own to-matmul
+            layer = _layer(view, node)
+            return _Candidate(node.name, (_layer(view, node, form="matmul"),), (layer,),
+                              in_shape, [ReplaceWithChain(node.name, (layer,))], {node.name},
+                              "matmul_to_conv", {"node": node.name, "rewrite": "matmul-to-conv",
+                                                 "nodes": [node.name]})
         elif "to-conv" in self.rewrites and node.kind is OpKind.LINEAR and \
                 node.op != "LinearAsConv":
             if len(in_shape) != 2:

@@ -56,6 +56,13 @@ def test_pointwise_convs_to_matmul_and_gemm(frontend, tmp_path):
     else:  # the user's module, still a conv to every pass, exporting as MatMul / Gemm
         assert type(result.model.module.point[0]).__name__ == "PointwiseMatMul"
     assert_matches_torch(result.model, module, x, FP32)
+    back = graphslim.optimize(result.model, "conv-substitute{rewrites=to-conv}", tolerance=FP32)
+    assert sum(back.report.records[0].stats.values()) == 4  # the three, and the classifier
+    if frontend == "onnx":  # the one-pixel Gemms go through the Linear -> 1x1 conv rewrite
+        assert count_ops(back.model, "MatMul") + count_ops(back.model, "Gemm") == 0
+    else:
+        assert back.report.records[0].stats["matmul_to_conv"] == 3
+    assert_matches_torch(back.model, module, x, FP32)
 
 
 def test_linear_after_pooling_to_conv(frontend, tmp_path):
