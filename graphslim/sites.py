@@ -67,7 +67,8 @@ def measure_chain(original: Sequence[Layer], replacement: Sequence[Layer], in_sh
                   threads: int = 1, repeats: int = 15, context: bool = False
                   ) -> tuple[Latency, Latency]:
     """Interleaved ORT CPU latency (opt level ALL) of `original` vs `replacement` on a random
-    input of `in_shape`; with `context`, each between identity convs (see _in_context)."""
+    input of `in_shape`, at least `repeats` calls each (more for small sites); with `context`,
+    each between identity convs (see _in_context)."""
     x = {"x": np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)}
     a = make_session(_graph(original, in_shape, "a", context), threads=threads)
     b = make_session(_graph(replacement, in_shape, "b", context), threads=threads)

@@ -191,7 +191,8 @@ def test_measure_times_layer_and_chain(frontend, tmp_path):
     before, after = measure_chain((Layer(OpKind.LINEAR, w),),
                                   (Layer(OpKind.LINEAR, w[:8]), Layer(OpKind.LINEAR, w[:, :8])),
                                   (4, 16), repeats=5)
-    assert before.samples == after.samples == 5 and before.median > 0 and after.median > 0
+    # at least `repeats` calls, more for a site this small (about 0.1 s of timing per side)
+    assert before.samples == after.samples > 5 and before.median > 0 and after.median > 0
 
 
 def test_hooi_refines_hosvd(frontend, tmp_path):
