@@ -17,7 +17,8 @@ the reported error is then the relative output error on that data.
 
 Ranks are rounded up to a multiple of `round-to`. A layer is factorized only where the chain
 costs at most (1 - min-saving) of its MACs by the cost model and, with `measure=true`, where the
-chain also runs faster than the layer alone on ONNX Runtime CPU (graphslim.sites; not used with
+chain also runs faster than the layer on ONNX Runtime CPU, timed between identity convs that keep
+ORT's blocked layout, as between the model's other convs (graphslim.sites; not used with
 `target-macs`); `force` overrides both, for full-rank checks. Otherwise the layer is left with
 the reason.
 
@@ -171,9 +172,11 @@ class FactorizeLowRank(Pass):
         return chosen
 
     def _faster(self, site: _Site, opt: _Option, plan: Plan) -> bool:
-        """Measured ORT latency of the layer and of its chain, each alone (1 thread)."""
+        """Measured ORT latency of the layer and of its chain (1 thread), in layout context: a
+        chain whose thin ranks fall out of ORT's NCHWc blocks pays the reorders it would pay in
+        the model."""
         original = (_original_layer(site),)
-        before, after = measure_chain(original, opt.layers, site.in_shape)
+        before, after = measure_chain(original, opt.layers, site.in_shape, context=True)
         if after.median < before.median:
             return True
         plan.skip(site.node.name, f"{opt.method} chain measured {after} vs {before} for the "
