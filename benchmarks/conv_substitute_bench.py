@@ -54,6 +54,7 @@ CASES = [
     ("resnet50", "resnet50", "", "conv-group{groups=4}"),
     ("resnet18", "resnet18", "", "conv-separable{multiplier=1}"),
     ("resnet18", "resnet18", "", "conv-separable{multiplier=2}"),
+    ("resnet18", "resnet18", "", "conv-separable{multiplier=1,choose=latency}"),
 ]
 _FORMS = {"to-matmul": "matmul", "to-gemm": "gemm", "to-conv": "conv"}
 

@@ -13,7 +13,8 @@ and only the other side is optimised. MACs and parameters of the layer fall g-fo
 Lossy: each layer's weight error is in the details, the pass manager reports the output error;
 layers above `max-error` (0: no limit) are left with the reason. Convs whose channel counts `g`
 does not divide, already grouped convs and those with fewer than `min-channels` input channels
-per group are skipped with the reason.
+per group are skipped with the reason; with `choose=latency`, those whose grouped conv is not
+`min-gain` faster on ORT CPU than the dense one (passes/site_choice.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphslim.analyses import Shapes
 from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.edits import Layer, ReplaceWithChain
 from graphslim.ir import GraphView, OpKind, conv_geometry
 from graphslim.pass_manager import Pass, Plan, register_pass
 from passes import channel_order as co
 from passes import conv_math as cm
+from passes import site_choice as sc
 
 
 @register_pass
@@ -40,9 +43,13 @@ class GroupConv(Pass):
     groups: int = 2
     max_error: float = 0.0
     min_channels: int = 4
+    choose: str = "cost"
+    min_gain: float = 0.05
+    batch: int = 0
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
+        sc.check_choice(self.choose, self.min_gain, self.batch)
         if self.groups < 2:
             raise ValueError(f"groups must be >= 2, not {self.groups}")
         if self.max_error < 0 or self.min_channels < 1:
@@ -51,6 +58,7 @@ class GroupConv(Pass):
     def plan(self, view: GraphView, analyses) -> Plan:
         plan = Plan()
         deps = analyses.get(ChannelDepsAnalysis)
+        shapes = analyses.get(Shapes) if self.choose == "latency" else {}
         pending: dict[tuple, np.ndarray] = {}  # (node, role, axis) -> gather planned so far
         fixed_groups: set[int] = set()  # channel groups a planned layer depends on the order of
         for node in view.nodes():
@@ -58,10 +66,11 @@ class GroupConv(Pass):
                     node.attrs.get("pads") is None or \
                     any(fnmatch.fnmatch(node.name, p) for p in self.exclude):
                 continue
-            self._group(view, node, deps, pending, fixed_groups, plan)
+            self._group(view, node, deps, shapes, pending, fixed_groups, plan)
         return plan
 
-    def _group(self, view, node, deps, pending: dict, fixed_groups: set, plan: Plan) -> None:
+    def _group(self, view, node, deps, shapes, pending: dict, fixed_groups: set,
+               plan: Plan) -> None:
         g = self.groups
         weight = view.param(node.name, "weight")
         bias = view.param(node.name, "bias") if "bias" in node.params else None
@@ -95,6 +104,18 @@ class GroupConv(Pass):
             plan.skip(node.name, f"conv-group: weight error {error:.3f} with {g} groups "
                       f"above max-error {self.max_error}")
             return
+        w = weight[out_order][:, in_order]
+        layer = Layer(OpKind.CONV, cm.to_grouped(w, g), None if bias is None else
+                      bias[out_order], g, *conv_geometry(node))
+        detail = {"node": node.name, "rewrite": "grouped", "groups": g,
+                  "weight_rel_error": round(error, 6),
+                  **{f"kept_{'output' if a == 0 else 'input'}_order": r for a, r in fixed.items()}}
+        if self.choose == "latency":
+            dense = Layer(OpKind.CONV, weight, bias, 1, *conv_geometry(node))
+            if not sc.latency_allows(node.name, "conv-group", (dense,), (layer,),
+                                     shapes.get(node.inputs[0]), self.batch, self.min_gain,
+                                     plan, detail):
+                return
         for axis, order in ((1, in_order), (0, out_order)):
             if axis in fixed:
                 continue
@@ -104,12 +125,6 @@ class GroupConv(Pass):
                 pending[key] = pending[key][e.keep] if key in pending else e.keep
             plan.edits += found.edits
         fixed_groups.update(*(co.groups_of(deps, node.name, axis) for axis in (0, 1)))
-        w = weight[out_order][:, in_order]
-        layer = Layer(OpKind.CONV, cm.to_grouped(w, g), None if bias is None else
-                      bias[out_order], g, *conv_geometry(node))
         plan.edits.append(ReplaceWithChain(node.name, (layer,)))
         plan.stats["grouped"] += 1
-        plan.details.append({"node": node.name, "rewrite": "grouped", "groups": g,
-                             "weight_rel_error": round(error, 6),
-                             **{f"kept_{'output' if a == 0 else 'input'}_order": r
-                                for a, r in fixed.items()}})
+        plan.details.append(detail)

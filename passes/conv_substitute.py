@@ -50,10 +50,10 @@ from graphslim.ir import GraphView, Node, OpKind, conv_geometry
 from graphslim.pass_manager import Pass, Plan, register_pass
 from passes import channel_order as co
 from passes import conv_math as cm
+from passes import site_choice as sc
 
 REWRITES = ("grouped", "merge", "to-matmul", "to-conv")
 DEFAULT_REWRITES = ("grouped", "merge")
-CHOOSERS = ("cost", "latency")
 
 
 def _is_pointwise(node: Node) -> bool:
@@ -194,10 +194,7 @@ class SubstituteConv(Pass):
                              f"not {';'.join(self.rewrites) or 'nothing'}")
         if "to-matmul" in self.rewrites and "to-conv" in self.rewrites:
             raise ValueError("to-matmul and to-conv undo each other: ask for one per pass")
-        if self.choose not in CHOOSERS:
-            raise ValueError(f"choose must be one of {', '.join(CHOOSERS)}, not '{self.choose}'")
-        if not 0 <= self.min_gain < 1 or self.batch < 0:
-            raise ValueError("min-gain must be in [0, 1) and batch >= 0 (0: the model's)")
+        sc.check_choice(self.choose, self.min_gain, self.batch)
 
     def plan(self, view: GraphView, analyses) -> Plan:
         shapes = analyses.get(Shapes)
@@ -242,22 +239,9 @@ class SubstituteConv(Pass):
         return None
 
     def _chosen(self, cand: _Candidate, plan: Plan) -> bool:
-        if self.choose == "cost":
-            return True
-        from graphslim.sites import measure_chain
-
-        if not cand.in_shape:
-            plan.skip(cand.node, f"{cand.stat}: input shape unknown, cannot be measured")
-            return False
-        shape = cand.in_shape if not self.batch else (self.batch, *cand.in_shape[1:])
-        before, after = measure_chain(cand.before, cand.after, shape, context=True)
-        cand.detail.update(ms_before=round(before.median * 1e3, 4),
-                           ms_after=round(after.median * 1e3, 4), measured_shape=list(shape))
-        if after.median <= (1 - self.min_gain) * before.median:
-            return True
-        plan.skip(cand.node, f"{cand.stat}: measured {after} vs {before} on ORT CPU at input "
-                  f"{list(shape)}, not {self.min_gain:.0%} faster")
-        return False
+        return self.choose == "cost" or sc.latency_allows(
+            cand.node, cand.stat, cand.before, cand.after, cand.in_shape, self.batch,
+            self.min_gain, plan, cand.detail)
 
     def _grouped(self, view, node, in_shape, analyses, plan) -> _Candidate | None:
         if node.attrs.get("groups", 1) != 1 or node.attrs.get("pads") is None:
@@ -364,7 +348,8 @@ class SeparateConv(Pass):
     MobileNet style, fitted by least squares on the original weights (per input channel, a
     rank-m SVD; passes/conv_math.separable_factors). Lossy: the relative weight error of each
     layer is in the details; layers above `max-error` (0: no limit) or saving less than
-    `min-saving` of their MACs are left with the reason."""
+    `min-saving` of their MACs are left with the reason, and with `choose=latency` those not
+    `min-gain` faster on ORT CPU (passes/site_choice.py)."""
 
     name = "conv-separable"
     lossless = False
@@ -372,9 +357,13 @@ class SeparateConv(Pass):
     multiplier: int = 1
     max_error: float = 0.0
     min_saving: float = 0.1
+    choose: str = "cost"
+    min_gain: float = 0.05
+    batch: int = 0
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
+        sc.check_choice(self.choose, self.min_gain, self.batch)
         if self.multiplier < 1:
             raise ValueError(f"multiplier must be >= 1, not {self.multiplier}")
         if self.max_error < 0:
@@ -408,9 +397,14 @@ class SeparateConv(Pass):
                 plan.skip(node.name, f"separable: weight error {error:.3f} above max-error "
                           f"{self.max_error}")
                 continue
+            detail = {"node": node.name, "rewrite": "separable", "multiplier": self.multiplier,
+                      "macs_before": before, "macs_after": after,
+                      "weight_rel_error": round(error, 6)}
+            if self.choose == "latency" and not sc.latency_allows(
+                    node.name, "separable", (_layer(view, node),), chain, in_shape, self.batch,
+                    self.min_gain, plan, detail):
+                continue
             plan.edits.append(ReplaceWithChain(node.name, chain))
             plan.stats["separated"] += 1
-            plan.details.append({"node": node.name, "rewrite": "separable",
-                                 "multiplier": self.multiplier, "macs_before": before,
-                                 "macs_after": after, "weight_rel_error": round(error, 6)})
+            plan.details.append(detail)
         return plan

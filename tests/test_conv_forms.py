@@ -413,3 +413,21 @@ def test_tied_channels_are_never_reordered(frontend, tmp_path):
     reference.load_state_dict(module.state_dict())
     _block_diag(reference.c2, 4)
     assert_matches_torch(approx.model, reference, x, FP32)
+
+
+@pytest.mark.parametrize("text", ["conv-group{groups=4,choose=latency}",
+                                  "conv-separable{multiplier=2,choose=latency}"])
+def test_approximate_rewrites_choose_by_latency(text, tmp_path):
+    """Each site is timed dense vs rewritten (in layout context); it is rewritten exactly when
+    the new form measured at least min-gain (5%) faster, and refused with both timings else."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                           nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                           nn.Conv2d(64, 64, 3, padding=1)).eval()
+    model = make_model("onnx", module, torch.randn(1, 32, 28, 28), tmp_path)
+    rec = graphslim.optimize(model, text).report.records[0]
+    measured = [s for s in rec.skipped if "measured" in s.reason]
+    print(text, [(d["node"], d["ms_before"], d["ms_after"]) for d in rec.details],
+          [s.reason for s in measured])
+    assert len(rec.details) + len(measured) == 3
+    assert all(d["ms_after"] <= 0.95 * d["ms_before"] for d in rec.details)
