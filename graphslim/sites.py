@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 
 from graphslim.edits import Layer
 from graphslim.frontends.onnx_edits import layer_nodes
+from graphslim.frontends.onnx_quant import Namer
 from graphslim.ir import OpKind
 from graphslim.runtime import Latency, compare, make_session, measure, session_runner
 
@@ -26,14 +27,7 @@ class _Namer:
     opset = _OPSET
 
     def __init__(self):
-        self.used: set[str] = set()
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
+        self.fresh = Namer(gs.Graph())
 
 
 def _in_context(layers: Sequence[Layer], in_shape: tuple) -> list[Layer]:

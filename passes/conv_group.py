@@ -28,7 +28,7 @@ from graphslim.analyses import Shapes
 from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.edits import Layer, ReplaceWithChain
 from graphslim.ir import GraphView, OpKind, conv_geometry
-from graphslim.pass_manager import Pass, Plan, register_pass
+from graphslim.pass_manager import Plan, register_pass
 from passes import channel_order as co
 from passes import conv_math as cm
 from passes import site_choice as sc
@@ -36,20 +36,17 @@ from passes import site_choice as sc
 
 @register_pass
 @dataclass(frozen=True)
-class GroupConv(Pass):
+class GroupConv(sc.ChoosingPass):
     name = "conv-group"
     lossless = False
     summary = "approximate: dense conv -> grouped conv after the best channel reordering"
     groups: int = 2
     max_error: float = 0.0
     min_channels: int = 4
-    choose: str = "cost"
-    min_gain: float = 0.05
-    batch: int = 0
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
-        sc.check_choice(self.choose, self.min_gain, self.batch)
+        super().__post_init__()
         if self.groups < 2:
             raise ValueError(f"groups must be >= 2, not {self.groups}")
         if self.max_error < 0 or self.min_channels < 1:
@@ -110,12 +107,10 @@ class GroupConv(Pass):
         detail = {"node": node.name, "rewrite": "grouped", "groups": g,
                   "weight_rel_error": round(error, 6),
                   **{f"kept_{'output' if a == 0 else 'input'}_order": r for a, r in fixed.items()}}
-        if self.choose == "latency":
-            dense = Layer(OpKind.CONV, weight, bias, 1, *conv_geometry(node))
-            if not sc.latency_allows(node.name, "conv-group", (dense,), (layer,),
-                                     shapes.get(node.inputs[0]), self.batch, self.min_gain,
-                                     plan, detail):
-                return
+        dense = Layer(OpKind.CONV, weight, bias, 1, *conv_geometry(node))
+        if not self.latency_allows(node.name, "conv-group", (dense,), (layer,),
+                                   shapes.get(node.inputs[0]), plan, detail):
+            return
         for axis, order in ((1, in_order), (0, out_order)):
             if axis in fixed:
                 continue

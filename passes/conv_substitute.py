@@ -47,7 +47,7 @@ from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.analyses.cost import chain_macs
 from graphslim.edits import Bypass, Edit, Layer, ReplaceSubgraph, ReplaceWithChain
 from graphslim.ir import GraphView, Node, OpKind, conv_geometry
-from graphslim.pass_manager import Pass, Plan, register_pass
+from graphslim.pass_manager import Plan, register_pass
 from passes import channel_order as co
 from passes import conv_math as cm
 from passes import site_choice as sc
@@ -176,25 +176,22 @@ def _pixel_matmul(view: GraphView, node: Node, shapes: dict) -> _Candidate | Non
 
 @register_pass
 @dataclass(frozen=True)
-class SubstituteConv(Pass):
+class SubstituteConv(sc.ChoosingPass):
     name = "conv-substitute"
     lossless = True
     summary = ("exact rewrites: block-diagonal conv -> grouped/depthwise (under a channel "
                "reordering too), merge linear pairs, 1x1 conv <-> MatMul/Gemm, Linear -> 1x1 conv")
     rewrites: tuple[str, ...] = DEFAULT_REWRITES
-    choose: str = "cost"
-    min_gain: float = 0.05
-    batch: int = 0
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
+        super().__post_init__()
         bad = [r for r in self.rewrites if r not in REWRITES]
         if bad or not self.rewrites:
             raise ValueError(f"rewrites must be a ';'-list of {', '.join(REWRITES)}, "
                              f"not {';'.join(self.rewrites) or 'nothing'}")
         if "to-matmul" in self.rewrites and "to-conv" in self.rewrites:
             raise ValueError("to-matmul and to-conv undo each other: ask for one per pass")
-        sc.check_choice(self.choose, self.min_gain, self.batch)
 
     def plan(self, view: GraphView, analyses) -> Plan:
         shapes = analyses.get(Shapes)
@@ -239,9 +236,8 @@ class SubstituteConv(Pass):
         return None
 
     def _chosen(self, cand: _Candidate, plan: Plan) -> bool:
-        return self.choose == "cost" or sc.latency_allows(
-            cand.node, cand.stat, cand.before, cand.after, cand.in_shape, self.batch,
-            self.min_gain, plan, cand.detail)
+        return self.latency_allows(cand.node, cand.stat, cand.before, cand.after,
+                                   cand.in_shape, plan, cand.detail)
 
     def _grouped(self, view, node, in_shape, analyses, plan) -> _Candidate | None:
         if node.attrs.get("groups", 1) != 1 or node.attrs.get("pads") is None:
@@ -343,7 +339,7 @@ class SubstituteConv(Pass):
 
 @register_pass
 @dataclass(frozen=True)
-class SeparateConv(Pass):
+class SeparateConv(sc.ChoosingPass):
     """conv-separable: a dense KxK conv -> depthwise KxK (channel multiplier m) + pointwise 1x1,
     MobileNet style, fitted by least squares on the original weights (per input channel, a
     rank-m SVD; passes/conv_math.separable_factors). Lossy: the relative weight error of each
@@ -357,13 +353,10 @@ class SeparateConv(Pass):
     multiplier: int = 1
     max_error: float = 0.0
     min_saving: float = 0.1
-    choose: str = "cost"
-    min_gain: float = 0.05
-    batch: int = 0
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
-        sc.check_choice(self.choose, self.min_gain, self.batch)
+        super().__post_init__()
         if self.multiplier < 1:
             raise ValueError(f"multiplier must be >= 1, not {self.multiplier}")
         if self.max_error < 0:
@@ -400,9 +393,8 @@ class SeparateConv(Pass):
             detail = {"node": node.name, "rewrite": "separable", "multiplier": self.multiplier,
                       "macs_before": before, "macs_after": after,
                       "weight_rel_error": round(error, 6)}
-            if self.choose == "latency" and not sc.latency_allows(
-                    node.name, "separable", (_layer(view, node),), chain, in_shape, self.batch,
-                    self.min_gain, plan, detail):
+            if not self.latency_allows(node.name, "separable", (_layer(view, node),), chain,
+                                       in_shape, plan, detail):
                 continue
             plan.edits.append(ReplaceWithChain(node.name, chain))
             plan.stats["separated"] += 1

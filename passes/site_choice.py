@@ -8,18 +8,36 @@ timings land in the site's details, a refusal in the skips with both timings."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from graphslim.edits import Layer
-from graphslim.pass_manager import Plan
+from graphslim.pass_manager import Pass, Plan
 
 CHOOSERS = ("cost", "latency")
 
 
-def check_choice(choose: str, min_gain: float, batch: int) -> None:
-    if choose not in CHOOSERS:
-        raise ValueError(f"choose must be one of {', '.join(CHOOSERS)}, not '{choose}'")
-    if not 0 <= min_gain < 1 or batch < 0:
-        raise ValueError("min-gain must be in [0, 1) and batch >= 0 (0: the model's)")
+@dataclass(frozen=True)
+class ChoosingPass(Pass):
+    """Options of a pass that can choose its sites by latency: `choose` (cost | latency),
+    `min-gain`, `batch` (0: the model's). Subclasses call super().__post_init__()."""
+
+    choose: str = "cost"
+    min_gain: float = 0.05
+    batch: int = 0
+
+    def __post_init__(self):
+        if self.choose not in CHOOSERS:
+            raise ValueError(f"choose must be one of {', '.join(CHOOSERS)}, not "
+                             f"'{self.choose}'")
+        if not 0 <= self.min_gain < 1 or self.batch < 0:
+            raise ValueError("min-gain must be in [0, 1) and batch >= 0 (0: the model's)")
+
+    def latency_allows(self, node: str, what: str, before: Sequence[Layer],
+                       after: Sequence[Layer], in_shape: tuple | None, plan: Plan,
+                       detail: dict) -> bool:
+        """True with `choose=cost`; else whether the site measured min-gain faster."""
+        return self.choose == "cost" or latency_allows(
+            node, what, before, after, in_shape, self.batch, self.min_gain, plan, detail)
 
 
 def latency_allows(node: str, what: str, before: Sequence[Layer], after: Sequence[Layer],
