@@ -116,19 +116,20 @@ def permuted_blocks(weight: np.ndarray, tol: float = 0.0
              for k in range(count)]
     comps.sort(key=lambda oc: (len(oc[0]) + len(oc[1])), reverse=True)
     for g in _divisors(n, c):
-        bins = [([], [], n // g, c // g) for _ in range(g)]
-        placed = True
+        outs_of, ins_of = [[] for _ in range(g)], [[] for _ in range(g)]
+        room = [[n // g, c // g] for _ in range(g)]  # outputs, inputs still free per bin
         for outs, ins in comps:
-            b = next((b for b in bins if b[2] >= len(outs) and b[3] >= len(ins)), None)
+            b = next((b for b in range(g) if room[b][0] >= len(outs) and room[b][1] >= len(ins)),
+                     None)
             if b is None:
-                placed = False
                 break
-            b[0].extend(outs.tolist())
-            b[1].extend(ins.tolist())
-            bins[bins.index(b)] = (b[0], b[1], b[2] - len(outs), b[3] - len(ins))
-        if placed:
-            return (g, np.asarray([o for b in bins for o in b[0]], np.int64),
-                    np.asarray([i for b in bins for i in b[1]], np.int64))
+            outs_of[b] += outs.tolist()
+            ins_of[b] += ins.tolist()
+            room[b][0] -= len(outs)
+            room[b][1] -= len(ins)
+        else:
+            return (g, np.asarray(sum(outs_of, []), np.int64),
+                    np.asarray(sum(ins_of, []), np.int64))
     return 1, np.arange(n), np.arange(c)
 
 

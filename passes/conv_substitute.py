@@ -314,17 +314,17 @@ class SubstituteConv(sc.ChoosingPass):
         if not in_shape:
             return None
         if "to-matmul" in self.rewrites and node.kind is OpKind.CONV:
-            if not _is_pointwise(node) or len(in_shape) != 4 or node.op == "PointwiseMatMul":
+            if not _is_pointwise(node) or len(in_shape) != 4 or node.attrs.get("form"):
                 return None
             form = "gemm" if in_shape[2:] == (1, 1) else "matmul"
-        elif "to-conv" in self.rewrites and node.op == "PointwiseMatMul":  # fx's own to-matmul
+        elif "to-conv" in self.rewrites and node.attrs.get("form") == "matmul":  # fx's to-matmul
             layer = _layer(view, node)
             return _Candidate(node.name, (_layer(view, node, form="matmul"),), (layer,),
                               in_shape, [ReplaceWithChain(node.name, (layer,))], {node.name},
                               "matmul_to_conv", {"node": node.name, "rewrite": "matmul-to-conv",
                                                  "nodes": [node.name]})
         elif "to-conv" in self.rewrites and node.kind is OpKind.LINEAR and \
-                node.op != "LinearAsConv":
+                not node.attrs.get("form"):
             if len(in_shape) != 2:
                 plan.skip(node.name, f"to-conv: input {list(in_shape)} is not (N, C)")
                 return None

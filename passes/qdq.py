@@ -126,9 +126,8 @@ class InsertQDQ(Pass):
 
     def plan(self, view: GraphView, analyses) -> Plan:
         plan = Plan()
-        silus = {} if "silu" in self.ops else _silu_pairs(view)
-        if "silu" not in view.fused_activations:
-            silus = {}
+        float_silu = "silu" not in self.ops and "silu" in view.fused_activations
+        silus = _silu_pairs(view) if float_silu else {}
         chosen = self._select(view, plan, set(silus) | set(silus.values()))
         if not chosen:
             return plan
@@ -136,12 +135,11 @@ class InsertQDQ(Pass):
         if calib.synthetic:
             plan.notes.append("calibrated on synthetic inputs (no data given): ranges are not "
                               "those of real data")
-        grids = self._grids(view, chosen, calib, plan)
         if self.max_error:
             from passes.qdq_sensitivity import keep_float
             kept = keep_float(self, view, analyses, chosen, calib, plan)
             chosen = [n for n in chosen if n.name not in kept]
-            grids = self._grids(view, chosen, calib, plan)
+        grids = self._grids(view, chosen, calib, plan)
         for mul, sig in silus.items():
             plan.edits.append(FuseActivation(mul, "silu", (sig, mul)))
         plan.stats["float_silu"] = len(silus)

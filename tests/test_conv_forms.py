@@ -431,3 +431,6 @@ def test_approximate_rewrites_choose_by_latency(text, tmp_path):
           [s.reason for s in measured])
     assert len(rec.details) + len(measured) == 3
     assert all(d["ms_after"] <= 0.95 * d["ms_before"] for d in rec.details)
+    # and it does rewrite where the win is large: the 64 -> 64 convs measured 1.4x (separable)
+    # to 2.3x (4 groups) faster here, far above the 5% bar
+    assert {d["node"] for d in rec.details} >= {"/2/Conv", "/4/Conv"}

@@ -144,7 +144,11 @@ def module_attrs(mod: nn.Module, kind: OpKind) -> dict:
                  "padding_mode": getattr(mod, "padding_mode", "zeros")}
         if kind is OpKind.CONV_TRANSPOSE:
             attrs["output_padding"] = tuple(mod.output_padding)
+        if isinstance(mod, PointwiseMatMul):
+            attrs["form"] = "matmul"  # graphslim.edits.Layer.form: the op that computes it
         return attrs
+    if kind is OpKind.LINEAR and isinstance(mod, LinearAsConv):
+        return {"form": "conv"}
     if kind is OpKind.BATCHNORM:
         training = mod.training or not mod.track_running_stats or mod.running_mean is None
         return {"eps": float(mod.eps), "training": bool(training)}
