@@ -59,6 +59,9 @@ class Pass:
     lossless: ClassVar[bool] = True
     preserves: ClassVar[tuple[type[Analysis], ...]] = ()
     summary: ClassVar[str] = ""
+    #: the ONNX opset the edits need (QuantizeLinear with `axis`: 13); the model is converted
+    #: up before planning where it is older
+    min_opset: ClassVar[int | None] = None
 
     def plan(self, view: GraphView, analyses: AnalysisManager) -> Plan:
         raise NotImplementedError
@@ -160,6 +163,8 @@ class PassManager:
             self._run_item(p, state, report, dry_run)
         if self.verify == "end" and state.ran:
             self._verify_end(state, report)
+        elif self.verify == "off" and state.ran and not dry_run:
+            self._check_structure(state, report)
         report.seconds = time.perf_counter() - t0
         report.final = _snapshot(work, am)
         return RunResult(work, report, am)
@@ -184,6 +189,9 @@ class PassManager:
         t0 = time.perf_counter()
         before = tuple(state.ran)
         try:
+            converted = state.model.require_opset(p.min_opset) if p.min_opset else None
+            if converted:
+                state.am.invalidate(())
             plan = p.plan(state.model.view(), state.am)
             changed = 0 if dry_run else state.model.apply(plan.edits)
         except GraphslimError:
@@ -197,6 +205,10 @@ class PassManager:
         record = PassRecord(str(p), p.name, p.lossless, seconds, len(plan.edits), changed,
                             list(plan.skipped), dict(plan.stats), list(plan.notes),
                             details=list(plan.details))
+        if converted:
+            record.notes.insert(0, converted)
+            record.nodes_changed = max(record.nodes_changed, 1)  # verified like any change
+            changed = changed or 1
         if changed and self.verify == "each":
             self._verify(p, state, record)
         record.after = _snapshot(state.model, state.am)
@@ -217,6 +229,7 @@ class PassManager:
                 from None
         record.error_prev, record.error_orig = vs_prev, vs_orig
         record.verified = "numerical" if p.lossless else "reported"
+        _check_finite(p.name, vs_prev)
         if p.lossless and not is_close(vs_prev):
             raise VerificationError(p.name, "max |after - before|", f"{vs_prev.max_abs:.3g}",
                                     str(self.tolerance), "a lossless pass changed the outputs")
@@ -228,6 +241,15 @@ class PassManager:
             raise VerificationError(name, "relative L2 error vs original",
                                     f"{vs_orig.rel_l2:.3g}", f"{self.max_error:g}")
 
+    def _check_structure(self, state: _State, report: Report) -> None:
+        """verify='off' skips the numbers, never the structure: nothing is emitted that fails
+        onnx.checker or does not load in ONNX Runtime."""
+        name = report.records[-1].name if report.records else "pipeline"
+        try:
+            state.model.check()
+        except StructureError as exc:
+            raise VerificationError(name, "structure", str(exc), "must pass") from None
+
     def _verify_end(self, state: _State, report: Report) -> None:
         name = report.records[-1].name if report.records else "pipeline"
         try:
@@ -236,10 +258,19 @@ class PassManager:
         except StructureError as exc:
             raise VerificationError(name, "structure", str(exc), "must pass") from None
         report.end_error = metrics
+        _check_finite(name, metrics)
         if all(r.lossless for r in report.records) and not is_close(metrics):
             raise VerificationError(name, "max |final - original|", f"{metrics.max_abs:.3g}",
                                     str(self.tolerance), "lossless pipeline changed the outputs")
         self._check_budget(name, metrics)
+
+
+def _check_finite(name: str, metrics: ErrorMetrics) -> None:
+    """NaN or Inf where the reference is finite fails every pass, lossless or lossy, whatever
+    max_error says: no error budget admits a model that returns NaN."""
+    if metrics.nonfinite:
+        raise VerificationError(name, "non-finite outputs", f"{metrics.nonfinite} elements",
+                                "0", "NaN or Inf where the model before was finite")
 
 
 @dataclass

@@ -97,8 +97,9 @@ class Report:
         if skipped and self.skipped():
             out.append("\nleft unchanged:")
             out.extend(f"  {s.node}: {s.reason}" for s in self.skipped())
-        if self.notes:
-            out.append("\nnotes: " + "; ".join(self.notes))
+        notes = [*self.notes, *(f"{r.name}: {n}" for r in self.records for n in r.notes)]
+        if notes:
+            out.append("\nnotes: " + "; ".join(notes))
         return "\n".join(out)
 
 

@@ -42,6 +42,8 @@ class ErrorMetrics:
     rel_l2: float
     cosine: float
     sqnr_db: float
+    #: elements finite in `ref` but NaN / Inf in `got` (or the reverse): always a failure
+    nonfinite: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,10 +81,20 @@ def _pairs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]):
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
             tol: Tolerance = Tolerance()) -> ErrorMetrics:
-    """Metrics of `got` against `ref`; `max_excess` > 0 means allclose(got, ref, tol) fails."""
+    """Metrics of `got` against `ref`; `max_excess` > 0 means allclose(got, ref, tol) fails.
+
+    Elements where `ref` and `got` disagree on being finite (a NaN or Inf appeared, or went
+    away) are counted in `nonfinite` and make `is_close` false; the other metrics are taken over
+    the elements finite in both (NaN would otherwise compare as 'no difference' in max())."""
     max_abs = excess = 0.0
     err2 = ref2 = dot = got2 = 0.0
+    nonfinite = 0
     for _, a, b in _pairs(ref, got):
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        same_special = ~fa & ~fb & ((np.isnan(a) & np.isnan(b)) | (a == b))
+        nonfinite += int(np.count_nonzero((fa != fb) | (~fa & ~fb & ~same_special)))
+        both = fa & fb
+        a, b = a[both], b[both]
         d = np.abs(b - a)
         if d.size:
             scale = max(1.0, float(np.abs(a).max())) if tol.scale_atol else 1.0
@@ -92,6 +104,9 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
         ref2 += float(np.sum(a * a))
         got2 += float(np.sum(b * b))
         dot += float(np.sum(a * b))
+    if nonfinite:
+        return ErrorMetrics(float("inf"), float("inf"), float("inf"), 0.0, float("-inf"),
+                            nonfinite)
     rel_l2 = np.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else float("inf"))
     cosine = dot / np.sqrt(ref2 * got2) if ref2 > 0 and got2 > 0 else float(err2 == 0)
     sqnr = 10 * np.log10(ref2 / err2) if err2 > 0 else float("inf")
@@ -99,4 +114,4 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
 
 
 def is_close(metrics: ErrorMetrics) -> bool:
-    return metrics.max_excess <= 0.0
+    return metrics.nonfinite == 0 and metrics.max_excess <= 0.0

@@ -27,21 +27,35 @@ from graphslim.pass_manager import Pass, Plan, register_pass
 
 
 def equalize_pair(w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray, depthwise2: bool):
-    """The rescaled (w1, b1, w2) of one pair (formula in the module docstring)."""
-    r1 = np.abs(w1).reshape(len(w1), -1).max(1)
-    r2 = (np.abs(w2).reshape(len(w2), -1).max(1) if depthwise2 else
-          np.abs(np.moveaxis(w2, 1, 0)).reshape(w2.shape[1], -1).max(1))
-    ok = (r1 > 0) & (r2 > 0)
-    s = np.where(ok, np.sqrt(r1 * r2) / np.where(ok, r2, 1.0), 1.0)
-    shape1 = (-1,) + (1,) * (w1.ndim - 1)
-    w1 = w1 / s.reshape(shape1)
-    b1 = None if b1 is None else b1 / s
+    """The rescaled (w1, b1, w2) of one pair (formula in the module docstring).
+
+    Computed in float64: real models carry dead channels (weights ~1e-34 in PP-OCRv4) whose
+    r1 * r2 underflows float32 to 0 and gave s = 0, then inf / NaN weights. A channel whose range
+    is below `_DEAD` of its layer's largest is left unscaled (s = 1), and s is bounded so no
+    weight leaves float32's normal range."""
+    w1d, w2d = np.asarray(w1, np.float64), np.asarray(w2, np.float64)
+    r1 = np.abs(w1d).reshape(len(w1d), -1).max(1)
+    r2 = (np.abs(w2d).reshape(len(w2d), -1).max(1) if depthwise2 else
+          np.abs(np.moveaxis(w2d, 1, 0)).reshape(w2d.shape[1], -1).max(1))
+    ok = (r1 > _DEAD * max(float(r1.max(initial=0.0)), 1e-300)) & \
+        (r2 > _DEAD * max(float(r2.max(initial=0.0)), 1e-300))
+    s = np.where(ok, np.sqrt(np.where(ok, r1, 1.0) / np.where(ok, r2, 1.0)), 1.0)
+    s = np.clip(s, 1.0 / _MAX_SCALE, _MAX_SCALE)
+    shape1 = (-1,) + (1,) * (w1d.ndim - 1)
+    w1d = w1d / s.reshape(shape1)
+    b1 = None if b1 is None else np.asarray(b1, np.float64) / s
     if depthwise2:
-        w2 = w2 * s.reshape(shape1[:1] + (1,) * (w2.ndim - 1))
+        w2d = w2d * s.reshape(shape1[:1] + (1,) * (w2d.ndim - 1))
     else:
-        w2 = w2 * s.reshape((1, -1) + (1,) * (w2.ndim - 2))
-    return w1.astype(np.float32), None if b1 is None else b1.astype(np.float32), \
-        w2.astype(np.float32)
+        w2d = w2d * s.reshape((1, -1) + (1,) * (w2d.ndim - 2))
+    return w1d.astype(np.float32), None if b1 is None else b1.astype(np.float32), \
+        w2d.astype(np.float32)
+
+
+#: a channel whose weight range is below this fraction of its layer's largest is dead: unscaled
+_DEAD = 1e-8
+#: bound on one channel's scale factor (keeps weights far inside float32's normal range)
+_MAX_SCALE = 1e6
 
 
 def _layer(view: GraphView, n: Node) -> str | None:

@@ -95,6 +95,7 @@ def _absorbable(node: Node) -> bool:
 class InsertQDQ(Pass):
     name = "qdq"
     lossless = False
+    min_opset = 13  # per-channel DequantizeLinear (`axis`) came in opset 13
     summary = "calibrated int8 quantize/dequantize insertion (ORT integer kernels)"
     method: str = "percentile"
     percentile: float = 0.9999

@@ -62,6 +62,12 @@ class Frontend(abc.ABC):
     @abc.abstractmethod
     def to_onnx(self, path: str) -> None: ...
 
+    def require_opset(self, opset: int) -> str | None:
+        """Make the model express ONNX opset `opset` or newer (a pass that emits ops of that
+        opset asks first); returns a note when something was converted. Frontends that export
+        at a chosen opset have nothing to do."""
+        return None
+
     @property
     @abc.abstractmethod
     def version(self) -> int:

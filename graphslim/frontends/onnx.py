@@ -224,6 +224,31 @@ class OnnxGraph(Frontend):
         return next((o.version for o in self.template.opset_import if o.domain in ("", "ai.onnx")),
                     self.graph.opset)
 
+    def require_opset(self, opset: int) -> str | None:
+        """Convert the default-domain opset up with onnx.version_converter (the library knows
+        every op's adapters; hand-written upgrades would not) and re-import. Lossless: the pass
+        that asked is verified against the graph before the conversion."""
+        old = self.opset
+        if old >= opset:
+            return None
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(self.to_proto(), opset)
+            onnx.checker.check_model(converted)
+        except Exception as exc:
+            raise InputError(f"cannot convert the model from opset {old} to {opset} (needed by "
+                             f"the pass): {str(exc).strip().splitlines()[0]}") from None
+        graph = gs.import_onnx(converted)
+        self.graph = graph
+        self.template.ir_version = max(self.template.ir_version, converted.ir_version)
+        self._normalize()
+        self._version += 1
+        self._cache.clear()
+        note = f"opset {old} converted to {opset} (onnx.version_converter)"
+        self.load_notes.append(note)
+        return note
+
     def copy(self) -> OnnxGraph:
         clone = OnnxGraph(self.graph.copy(), self.template, self.input_shapes)
         clone.load_notes = list(self.load_notes)
