@@ -65,6 +65,16 @@ def reorderable(deps: ChannelDeps, node: str, axis: int):
     if len(units) != group.size or not np.isin(group.units, units).all() or \
             any(deps.group_of(int(u)).index != group.index for u in units):
         return f"its {side} channels are part of a larger tensor (a concat or a slice)"
+    for s in deps.sites:  # every site must be a plain 1-D parameter axis to gather
+        ids = np.concatenate([np.ravel(p) for p in s.pieces]) if isinstance(s, SplitSite) \
+            else s.ids
+        if isinstance(s, GroupCountSite) or \
+                not np.isin(deps.units_of(np.ravel(ids)), group.units).any():
+            continue
+        if not isinstance(s, ParamSite):
+            return f"'{s.node}' splits, slices or reshapes these channels"
+        if s.node != node and ids.ndim != 1:
+            return f"'{s.node}' holds these channels in a multi-axis block"
     return units, group
 
 

@@ -111,10 +111,16 @@ class GroupConv(sc.ChoosingPass):
         if not self.latency_allows(node.name, "conv-group", (dense,), (layer,),
                                    shapes.get(node.inputs[0]), plan, detail):
             return
+        reorders = []
         for axis, order in ((1, in_order), (0, out_order)):
             if axis in fixed:
                 continue
             found = co.reorder_edits(deps, node.name, axis, order)
+            if isinstance(found, str):  # reorderable() checked this; never plan half a rewrite
+                plan.skip(node.name, f"conv-group: channels cannot be reordered: {found}")
+                return
+            reorders.append(found)
+        for found in reorders:
             for e in found.edits:
                 key = (e.node, e.role, e.axis)
                 pending[key] = pending[key][e.keep] if key in pending else e.keep

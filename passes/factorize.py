@@ -293,8 +293,8 @@ def _site(view: GraphView, node: Node, shapes: dict) -> _Site | str:
     if node.kind is OpKind.CONV:
         if node.attrs.get("groups", 1) != 1:
             return f"grouped conv (groups={node.attrs['groups']}): not factorized"
-        if node.attrs.get("pads") is None or node.attrs.get("auto_pad", "NOTSET") != "NOTSET":
-            return "padding is not explicit (auto_pad / 'same'): not factorized"
+        if node.attrs.get("pads") is None:
+            return "pads depend on the input size (auto_pad / 'same'): not factorized"
         if weight.ndim != 4:
             return f"{weight.ndim - 2}-D conv: only 2-D convs are factorized"
     site = _Site(node, weight, bias, tuple(in_shape), 0)

@@ -140,7 +140,6 @@ def module_attrs(mod: nn.Module, kind: OpKind) -> dict:
             pads = tuple(mod.padding) * 2
         attrs = {"groups": mod.groups, "kernel_shape": tuple(mod.kernel_size),
                  "strides": tuple(mod.stride), "dilations": tuple(mod.dilation), "pads": pads,
-                 "auto_pad": "NOTSET" if pads is not None else "SAME_UPPER",
                  "padding_mode": getattr(mod, "padding_mode", "zeros")}
         if kind is OpKind.CONV_TRANSPOSE:
             attrs["output_padding"] = tuple(mod.output_padding)

@@ -1,11 +1,11 @@
 """ONNX frontend: load with onnx-graphsurgeon, view, apply edits, export, check, run in ORT.
 
-Loading normalizes two things so passes see one form: weights held in `Constant` nodes (paddle2onnx
-does this) become initializers, and negative dims in input shapes (invalid, but shipped by some
-exporters) become named symbolic dims. Intermediate shapes are dropped at load and recomputed by
-shape inference on demand, so an edit can never leave a stale value_info behind. Dynamic input dims
-stay dynamic in the emitted model; concrete shapes given by the user are used only for analysis and
-verification.
+Loading (onnx_load.py) repairs what ONNX Runtime accepts but the checker refuses, and normalizes
+so passes see one form (weights in `Constant` nodes become initializers, negative input dims
+become symbolic, small constant subgraphs are folded). Intermediate shapes are dropped at load
+and recomputed by shape inference on demand, so an edit can never leave a stale value_info
+behind. Dynamic input dims stay dynamic in the emitted model; concrete shapes given by the user
+are used only for analysis and verification.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from graphslim.edits import (
 )
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends import onnx_edits as edit
+from graphslim.frontends import onnx_load
 from graphslim.frontends import onnx_ops as ops
 from graphslim.frontends import onnx_quant as quant
 from graphslim.frontends.base import Frontend, TensorSpec
-from graphslim.frontends.onnx_edits import replace_uses
 from graphslim.ir import GraphView, Node, OpKind
 
 log = logging.getLogger(__name__)
@@ -50,25 +50,10 @@ def load(src: str | os.PathLike | onnx.ModelProto,
     """Read an ONNX model (path or ModelProto) into an editable graph.
 
     `input_shapes` fixes dynamic input dims for analysis and verification, e.g.
-    {"x": (1, 3, 224, 224)}.
+    {"x": (1, 3, 224, 224)}. What ONNX Runtime accepts is accepted: files the checker refuses
+    for forms ORT tolerates are repaired first (graphslim.frontends.onnx_load), with a note.
     """
-    if isinstance(src, onnx.ModelProto):
-        model = src
-    else:
-        path = os.fspath(src)
-        if not os.path.isfile(path):
-            raise InputError(f"cannot read model '{path}': no such file")
-        try:
-            model = onnx.load(path)
-        except Exception as exc:  # protobuf DecodeError, truncated files, bad external data
-            raise InputError(f"cannot read model '{path}': not a valid ONNX file "
-                             f"({type(exc).__name__}: {exc})") from None
-    if not model.graph.node:
-        raise InputError("model has an empty graph (not an ONNX model, or truncated)")
-    try:  # from the file where there is one: no re-serialization, and >2 GB models work
-        onnx.checker.check_model(model if isinstance(src, onnx.ModelProto) else os.fspath(src))
-    except (onnx.checker.ValidationError, ValueError) as exc:
-        raise InputError(f"model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    model, notes = onnx_load.read_model(src)
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:
@@ -78,7 +63,9 @@ def load(src: str | os.PathLike | onnx.ModelProto,
                 "doc_string"):
         setattr(template, fld, getattr(model, fld))
     template.metadata_props.extend(model.metadata_props)
-    return OnnxGraph(graph, template, input_shapes or {}, normalize=True)
+    g = OnnxGraph(graph, template, input_shapes or {}, normalize=True)
+    g.load_notes[:0] = notes
+    return g
 
 
 class OnnxView(GraphView):
@@ -122,80 +109,7 @@ class OnnxGraph(Frontend):
 
     # --- loading -------------------------------------------------------------------------------
     def _normalize(self) -> None:
-        for i, node in enumerate(self.graph.nodes):
-            if not node.name:
-                node.name = f"{node.op}_{i}"
-        seen: set[str] = set()
-        for node in self.graph.nodes:  # node names must be unique for addressing edits
-            base, k = node.name, 1
-            while node.name in seen:
-                node.name, k = f"{base}__{k}", k + 1
-            seen.add(node.name)
-        lifted = 0
-        outputs = {id(t) for t in self.graph.outputs}
-        for node in self.graph.nodes:
-            if node.op != "Constant" or id(node.outputs[0]) in outputs:
-                continue
-            values = ops.constant_node_values(node)
-            if values is None:
-                continue
-            out = node.outputs[0]
-            const = gs.Constant(out.name, values)
-            for user in list(out.outputs):
-                for j, t in enumerate(user.inputs):
-                    if t is out:
-                        user.inputs[j] = const
-            node.outputs.clear()
-            lifted += 1
-        for node in self.graph.nodes:
-            # Identity(initializer): exporters emit these for deduplicated tensors.
-            # Transpose(initializer): weights of Linear layers exported without constant folding.
-            if node.op not in ("Identity", "Transpose") or not node.inputs or \
-                    not isinstance(node.inputs[0], gs.Constant) or id(node.outputs[0]) in outputs:
-                continue
-            const = node.inputs[0]
-            if node.op == "Transpose":
-                perm = node.attrs.get("perm")
-                const = gs.Constant(node.outputs[0].name,
-                                    np.ascontiguousarray(np.transpose(const.values, perm)))
-            replace_uses(node.outputs[0], const)
-            node.outputs.clear()
-            lifted += 1
-        if lifted:
-            self.load_notes.append(f"{lifted} Constant / Identity / Transpose nodes of constants "
-                                   "read as initializers")
-        for t in self.graph.tensors().values():
-            if isinstance(t, gs.Variable) and t not in self.graph.inputs \
-                    and t not in self.graph.outputs:
-                t.shape = None
-        for inp in self.graph.inputs:
-            if inp.shape is not None and any(isinstance(d, int) and d < 0 for d in inp.shape):
-                inp.shape = [f"{inp.name}_dim{j}" if isinstance(d, int) and d < 0 else d
-                             for j, d in enumerate(inp.shape)]
-                self.load_notes.append(f"input '{inp.name}': negative dims made symbolic")
-        self.graph.cleanup().toposort()
-        self._fold_small_constants()
-
-    def _fold_small_constants(self) -> None:
-        """Fold subgraphs computed from constants only into small constants (what onnxsim does
-        first): torch's exporter without constant folding writes Slice bounds and Reshape
-        targets as Unsqueeze + Concat of Python ints, which passes need to read. Run-time sizes
-        (Shape of an activation) and big tensors (> 4 KiB) are left as they are."""
-        import onnxruntime
-
-        before = len(self.graph.nodes)
-        onnxruntime.set_default_logger_severity(3)  # its optimizer's notes are not ours
-        try:
-            self.graph.fold_constants(fold_shapes=False, size_threshold=4096, error_ok=True)
-        except Exception as exc:  # folding is an aid; the graph stays valid without it
-            log.info("constant folding skipped: %s", exc)
-            return
-        finally:
-            onnxruntime.set_default_logger_severity(2)
-        self.graph.cleanup().toposort()
-        if len(self.graph.nodes) < before:
-            self.load_notes.append(f"{before - len(self.graph.nodes)} nodes computing small "
-                                   "constants folded")
+        self.load_notes.extend(onnx_load.normalize(self.graph))
 
     def _check_input_shapes(self) -> None:
         names = [t.name for t in self.graph.inputs]

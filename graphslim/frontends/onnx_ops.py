@@ -74,6 +74,31 @@ def constant_node_values(node: gs.Node) -> np.ndarray | None:
     return None  # sparse or string constants stay as nodes
 
 
+def _auto_pad(a) -> str:
+    v = a.get("auto_pad", "NOTSET")
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def explicit_pads(a, kernel: tuple) -> tuple[int, ...] | None:
+    """A conv's or pool's pads (begins, then ends) with `auto_pad` resolved; None where they
+    depend on the input size (SAME with a stride > 1): passes treat None as 'pads unknown,
+    maybe nonzero'. SAME at stride 1 pads d*(k-1) in total whatever the size, the odd one at
+    the end (SAME_UPPER) or the beginning (SAME_LOWER)."""
+    nd = len(kernel)
+    mode = _auto_pad(a)
+    if mode == "NOTSET":
+        return tuple(int(p) for p in a.get("pads", [0] * 2 * nd))
+    if mode == "VALID":
+        return (0,) * 2 * nd
+    if any(int(st) != 1 for st in a.get("strides", [1] * nd)):
+        return None
+    dil = a.get("dilations", [1] * nd)
+    total = [int(d) * (int(k) - 1) for d, k in zip(dil, kernel)]
+    small = [t // 2 for t in total]
+    big = [t - t // 2 for t in total]
+    return tuple(small + big) if mode == "SAME_UPPER" else tuple(big + small)
+
+
 def classify(g: gs.Node, params: dict[str, str]) -> tuple[OpKind, dict]:
     op, a = g.op, g.attrs
     if op in ("Conv", "ConvTranspose") and "weight" in params:
@@ -83,8 +108,9 @@ def classify(g: gs.Node, params: dict[str, str]) -> tuple[OpKind, dict]:
             "groups": int(a.get("group", 1)), "kernel_shape": w_shape[2:],
             "strides": tuple(a.get("strides", [1] * nd)),
             "dilations": tuple(a.get("dilations", [1] * nd)),
-            "pads": tuple(a.get("pads", [0] * 2 * nd)),
-            "auto_pad": a.get("auto_pad", "NOTSET"), "padding_mode": "zeros",
+            "pads": None if op == "ConvTranspose" and _auto_pad(a) not in ("NOTSET", "VALID")
+            else explicit_pads(a, w_shape[2:]),
+            "padding_mode": "zeros",
         }
         if op == "ConvTranspose":
             attrs["output_padding"] = tuple(a.get("output_padding", [0] * nd))
@@ -112,7 +138,9 @@ def classify(g: gs.Node, params: dict[str, str]) -> tuple[OpKind, dict]:
         return OpKind.BATCHNORM, {"eps": float(a.get("epsilon", 1e-5)), "training": training}
     if op in SIMPLE_KINDS:
         attrs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in a.items()
-                 if isinstance(v, (int, float, str, list))}
+                 if isinstance(v, (int, float, str, list)) and k != "auto_pad"}
+        if op in ("AveragePool", "MaxPool") and "kernel_shape" in a:
+            attrs["pads"] = explicit_pads(a, tuple(a["kernel_shape"]))
         return SIMPLE_KINDS[op], attrs
     if op in ACTIVATIONS:
         return OpKind.ACTIVATION, {"fn": op}
