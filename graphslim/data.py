@@ -18,6 +18,27 @@ from graphslim.frontends.base import TensorSpec
 LABELS = "labels"
 
 
+def layout(arr: np.ndarray, spec: TensorSpec) -> str:
+    """How an input's data array holds its samples: 'batched' (samples along the input's first
+    axis, the usual (N, C, H, W)), 'stacked' (one whole feed per sample: (N, *shape), for inputs
+    without a batch axis such as recurrent state), or 'constant' (a 0-d input given once: the
+    same scalar for every sample, e.g. a sample rate). Raises InputError naming the input."""
+    shape = tuple(spec.shape)
+    if not shape:
+        if arr.ndim == 0:
+            return "constant"
+        if arr.ndim == 1:
+            return "stacked"
+    elif arr.ndim == len(shape) and tuple(arr.shape[1:]) == shape[1:]:
+        return "batched"
+    elif arr.ndim == len(shape) + 1 and tuple(arr.shape[1:]) == shape:
+        return "stacked"
+    want = "a scalar, or [samples]" if not shape else (
+        f"[samples, {', '.join(map(str, shape[1:]))}] or [samples, "
+        f"{', '.join(map(str, shape))}]")
+    raise InputError(f"data for input '{spec.name}' has shape {list(arr.shape)}; expected {want}")
+
+
 def validate(data: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> int:
     """Check names, shapes and dtypes against the input specs; returns the number of samples."""
     if not isinstance(data, Mapping) or not data:
@@ -28,13 +49,14 @@ def validate(data: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> int:
     counts = set()
     for s in specs:
         arr = np.asarray(data[s.name])
-        if arr.ndim != len(s.shape) or tuple(arr.shape[1:]) != tuple(s.shape[1:]):
-            raise InputError(f"data for input '{s.name}' has shape {list(arr.shape)}; expected "
-                             f"[samples, {', '.join(map(str, s.shape[1:]))}]")
+        kind = layout(arr, s)
         if arr.dtype.kind != s.dtype.kind:
             raise InputError(f"data for input '{s.name}' has dtype {arr.dtype}, the model "
                              f"expects {s.dtype}")
-        counts.add(arr.shape[0])
+        if kind != "constant":
+            counts.add(arr.shape[0])
+    if not counts:
+        counts = {1}
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"data inputs disagree on the number of samples or are empty: {counts}")
     n = counts.pop()
@@ -47,13 +69,24 @@ def validate(data: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> int:
 def batches(data: Mapping[str, np.ndarray], specs: list[TensorSpec], size: int | None = None
             ) -> Iterator[dict[str, np.ndarray]]:
     """Feeds of `size` samples, by default the specs' batch size (a last partial batch is
-    dropped unless it is the only one, in which case the model must accept its size)."""
+    dropped unless it is the only one, in which case the model must accept its size). A
+    'stacked' input feeds the first sample of each batch, a 'constant' one its value."""
     n = validate(data, specs)
+    kinds = {s.name: layout(np.asarray(data[s.name]), s) for s in specs}
     if size is None:
-        size = max(1, specs[0].shape[0]) if specs and specs[0].shape else 1
+        batched = [s for s in specs if kinds[s.name] == "batched" and s.shape]
+        size = max(1, batched[0].shape[0]) if batched else 1
+    if any(k != "batched" for k in kinds.values()):
+        size = 1  # one sample per feed where a feed cannot hold several
     stops = list(range(size, n + 1, size)) or [n]
     start = 0
     for stop in stops:
-        yield {s.name: np.ascontiguousarray(np.asarray(data[s.name])[start:stop]).astype(
-            s.dtype, copy=False) for s in specs}
+        feed = {}
+        for s in specs:
+            arr = np.asarray(data[s.name])
+            kind = kinds[s.name]
+            part = arr[start:stop] if kind == "batched" else arr[start] if kind == "stacked" \
+                else arr
+            feed[s.name] = np.array(part, dtype=s.dtype, order="C")  # keeps 0-d as 0-d
+        yield feed
         start = stop

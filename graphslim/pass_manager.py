@@ -9,6 +9,7 @@ preserve, verifies, and records what happened. The caller's model is copied once
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -131,8 +132,20 @@ class PassManager:
         from graphslim.pipeline_text import parse_pipeline
         if isinstance(pipeline, str):
             pipeline = parse_pipeline(pipeline)
+        elif isinstance(pipeline, (Pass, Repeat)):
+            pipeline = [pipeline]
+        if not isinstance(pipeline, (list, tuple)) or not pipeline or \
+                not all(isinstance(p, (Pass, Repeat)) for p in pipeline):
+            raise InputError(f"a pipeline is text such as 'fold-bn,qdq' or a list of passes, "
+                             f"not {type(pipeline).__name__} {pipeline!r:.60}")
         if verify not in ("each", "end", "off"):
-            raise ValueError(f"verify must be 'each', 'end' or 'off', not '{verify}'")
+            raise InputError(f"verify must be 'each', 'end' or 'off', not {verify!r}")
+        if max_error is not None and not (isinstance(max_error, (int, float)) and
+                                          math.isfinite(max_error) and max_error >= 0):
+            raise InputError(f"max_error must be a finite number >= 0 (a relative L2 error), "
+                             f"not {max_error!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise InputError(f"seed must be an integer >= 0, not {seed!r}")
         self.pipeline = list(pipeline)
         self.verify = verify
         self.tolerance = tolerance
@@ -148,14 +161,20 @@ class PassManager:
 
     def run(self, model: Frontend, data: Any = None,
             inputs: dict | None = None, dry_run: bool = False) -> RunResult:
+        if not isinstance(model, Frontend):
+            hint = " (call graphslim.load(path) first)" if isinstance(model, str) else ""
+            raise InputError(f"optimize takes a model from graphslim.load or graphslim.trace, "
+                             f"not {type(model).__name__}{hint}")
         work = model if self.inplace else model.copy()
         am = AnalysisManager(work, data)
-        feeds = inputs if inputs is not None else make_inputs(work.input_specs(), self.seed)
+        feeds = _check_feeds(inputs, work.input_specs()) if inputs is not None else \
+            make_inputs(work.input_specs(), self.seed)
         try:
             work.check()
         except StructureError as exc:
             raise InputError(f"the input model fails its structural check: {exc}") from None
-        state = _State(work, am, feeds, work.run(feeds) if self.verify != "off" else None)
+        state = _State(work, am, feeds, _run_original(work, feeds, inputs is not None)
+                       if self.verify != "off" else None)
         report = Report(self.text, work.name, _snapshot(work, am),
                         notes=list(getattr(work, "load_notes", [])))
         t0 = time.perf_counter()
@@ -263,6 +282,35 @@ class PassManager:
             raise VerificationError(name, "max |final - original|", f"{metrics.max_abs:.3g}",
                                     str(self.tolerance), "lossless pipeline changed the outputs")
         self._check_budget(name, metrics)
+
+
+def _check_feeds(inputs, specs) -> dict:
+    """The user's verification inputs, checked against the model's inputs by name, shape and
+    dtype kind (else ORT's own error would surface mid-pipeline)."""
+    import numpy as np
+
+    if not isinstance(inputs, dict):
+        raise InputError(f"inputs must be a dict of input name -> array, not "
+                         f"{type(inputs).__name__}")
+    names = [s.name for s in specs]
+    if sorted(inputs) != sorted(names):
+        raise InputError(f"inputs has {sorted(inputs)}, the model's inputs are {names}")
+    feeds = {}
+    for s in specs:
+        arr = np.asarray(inputs[s.name])
+        if arr.ndim != len(s.shape) or arr.dtype.kind != s.dtype.kind:
+            raise InputError(f"inputs['{s.name}'] is {arr.dtype} {list(arr.shape)}; the model "
+                             f"takes {s.dtype} of rank {len(s.shape)}, e.g. {list(s.shape)}")
+        feeds[s.name] = arr.astype(s.dtype, copy=False)
+    return feeds
+
+
+def _run_original(model: Frontend, feeds: dict, given: bool) -> dict:
+    try:
+        return model.run(feeds)
+    except (StructureError, ValueError, TypeError) as exc:  # e.g. a wrong fixed dim
+        what = "the given inputs" if given else "seeded inputs of its input shapes"
+        raise InputError(f"the input model does not run on {what}: {exc}") from None
 
 
 def _check_finite(name: str, metrics: ErrorMetrics) -> None:

@@ -45,26 +45,87 @@ def print_pipeline(passes) -> str:
     return ",".join(print_pass(p) for p in passes)
 
 
-def _split_top(text: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "{(":
-            depth += 1
-        elif ch in "})":
-            depth -= 1
-            if depth < 0:
-                raise PipelineError(f"unbalanced bracket in pipeline '{text}'")
-        if ch == "," and depth == 0:
-            parts.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    if depth != 0:
-        raise PipelineError(f"unbalanced bracket in pipeline '{text}'")
-    parts.append("".join(cur).strip())
-    if any(not p for p in parts):
-        raise PipelineError(f"empty pass name in pipeline '{text}'")
-    return parts
+class _Parser:
+    """Recursive descent over  pipeline := item (',' item)* ;  item := NAME ['{' opts '}']
+    ['(' pipeline ')'] ;  opts := KEY '=' VALUE (',' KEY '=' VALUE)*.  Nothing is dropped: any
+    text the grammar does not take is an error naming its position (a nested pipeline is only
+    for `repeat`; an option given twice is an error)."""
+
+    _STOP = set(",{}()=")
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def error(self, msg: str, pos: int | None = None) -> PipelineError:
+        pos = self.pos if pos is None else pos
+        return PipelineError(f"{msg} at position {pos + 1} of the pipeline\n  {self.text}\n"
+                             f"  {' ' * pos}^")
+
+    def skip_ws(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self) -> str:
+        self.skip_ws()
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def expect(self, ch: str, what: str) -> None:
+        if self.peek() != ch:
+            got = repr(self.peek()) if self.peek() else "the end"
+            raise self.error(f"expected '{ch}' {what}, found {got}")
+        self.pos += 1
+
+    def word(self, what: str) -> tuple[str, int]:
+        self.skip_ws()
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in self._STOP:
+            self.pos += 1
+        word = self.text[start:self.pos].strip()
+        if not word:
+            raise self.error(f"expected {what}", start)
+        return word, start
+
+    def pipeline(self, end: str = "") -> list[tuple]:
+        items = [self.item()]
+        while self.peek() == ",":
+            self.pos += 1
+            items.append(self.item())
+        if self.peek() != end:
+            raise self.error(f"unexpected {self.peek()!r}" if self.peek() else
+                             f"missing '{end}' (unbalanced bracket)")
+        return items
+
+    def item(self) -> tuple:
+        name, at = self.word("a pass name")
+        opts: dict[str, tuple[str, int]] = {}
+        if self.peek() == "{":
+            self.pos += 1
+            while self.peek() != "}":
+                key, kpos = self.word("an option name")
+                if self.peek() != "=":
+                    raise self.error(f"option '{key}' of '{name}' has no '=value'")
+                self.pos += 1
+                value, _ = self.word(f"a value for option '{key}'")
+                if key in opts:
+                    raise self.error(f"option '{key}' of '{name}' is given twice", kpos)
+                opts[key] = (value, kpos)
+                if self.peek() == ",":
+                    self.pos += 1
+                elif self.peek() != "}":
+                    raise self.error(f"expected ',' or '}}' after option '{key}' (unbalanced "
+                                     "bracket?)")
+            self.pos += 1
+        inner = None
+        if self.peek() == "(":
+            if name != "repeat":
+                raise self.error(f"'{name}' takes options in {{...}}, not a nested pipeline in "
+                                 "(...); only repeat{...}(...) nests passes")
+            self.pos += 1
+            inner = self.pipeline(end=")")
+            self.pos += 1
+        elif name == "repeat":
+            raise self.error("repeat needs the passes to repeat: repeat{max-iter=N}(a,b)")
+        return name, at, opts, inner
 
 
 def _convert(pass_name: str, key: str, raw: str, typ):
@@ -91,57 +152,51 @@ def _convert(pass_name: str, key: str, raw: str, typ):
     return raw
 
 
-def _parse_one(text: str, registry: dict):
+def _build(item: tuple, registry: dict, parser: _Parser):
     from graphslim.pass_manager import Repeat
 
-    name, _, rest = text.partition("{")
-    name = name.strip()
-    opts_text, inner = "", ""
-    if rest:
-        opts_text, _, tail = rest.partition("}")
-        tail = tail.strip()
-        if tail.startswith("(") and tail.endswith(")"):
-            inner = tail[1:-1]
-        elif tail:
-            raise PipelineError(f"unexpected text after options of '{name}': '{tail}'")
-    elif "(" in name:
-        name, _, tail = name.partition("(")
-        inner = tail.rstrip(")")
-        name = name.strip()
-    opts: dict[str, str] = {}
-    for item in filter(None, (x.strip() for x in opts_text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise PipelineError(f"pass '{name}': option '{item}' has no '=value'")
-        opts[key.strip()] = value.strip()
+    name, at, opts, inner = item
     if name == "repeat":
-        max_iter = int(opts.pop("max-iter", 4))
+        raw, kpos = opts.pop("max-iter", ("4", at))
         if opts:
-            raise PipelineError(f"repeat: unknown options {sorted(opts)}")
-        return Repeat(tuple(parse_pipeline(inner, registry)), max_iter=max_iter)
+            raise parser.error(f"repeat has no option '{next(iter(opts))}'; options: max-iter",
+                               next(iter(opts.values()))[1])
+        try:
+            max_iter = int(raw)
+            return Repeat(tuple(_build(i, registry, parser) for i in inner), max_iter=max_iter)
+        except ValueError as exc:
+            msg = str(exc) if raw.lstrip("-").isdigit() else f"max-iter expects int, got '{raw}'"
+            raise parser.error(msg, kpos) from None
     if name not in registry:
-        raise PipelineError(f"unknown pass '{name}'; known passes: {', '.join(sorted(registry))}")
+        raise parser.error(f"unknown pass '{name}'; known passes: "
+                           f"{', '.join(sorted(registry))}", at)
     cls = registry[name]
     hints = typing.get_type_hints(cls)
     fields = {_kebab(f.name): f.name for f in dataclasses.fields(cls)}
     kwargs = {}
-    for key, raw in opts.items():
+    for key, (raw, kpos) in opts.items():
         if key not in fields:
-            raise PipelineError(f"pass '{name}' has no option '{key}'; options: "
-                                f"{', '.join(sorted(fields)) or 'none'}")
-        kwargs[fields[key]] = _convert(name, key, raw, hints[fields[key]])
+            raise parser.error(f"pass '{name}' has no option '{key}'; options: "
+                               f"{', '.join(sorted(fields)) or 'none'}", kpos)
+        try:
+            kwargs[fields[key]] = _convert(name, key, raw, hints[fields[key]])
+        except PipelineError as exc:
+            raise parser.error(str(exc), kpos) from None
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise PipelineError(f"pass '{name}': {exc}") from None
+        raise parser.error(f"pass '{name}': {exc}", at) from None
 
 
 def parse_pipeline(text: str, registry: dict | None = None) -> list:
     """Parse pipeline text into configured pass objects (registry: name -> pass class)."""
+    if not isinstance(text, str):
+        raise PipelineError(f"a pipeline is text such as 'fold-bn,qdq', not "
+                            f"{type(text).__name__}")
     if registry is None:
         from graphslim.pass_manager import registered_passes
         registry = registered_passes()
-    text = text.strip()
-    if not text:
+    if not text.strip():
         raise PipelineError("empty pipeline")
-    return [_parse_one(part, registry) for part in _split_top(text)]
+    parser = _Parser(text)
+    return [_build(item, registry, parser) for item in parser.pipeline()]

@@ -122,8 +122,12 @@ class PruneChannels(Pass):
             if not 0 <= v < 1:
                 raise ValueError(f"{opt.replace('_', '-')} must be in (0, 1) (a fraction of the "
                                  f"original), not {v}")
-        if sum(1 for v in (self.ratio, self.target_macs, self.target_params) if v) > 1:
+        given = sum(1 for v in (self.ratio, self.target_macs, self.target_params) if v)
+        if given > 1:
             raise ValueError("give one of ratio, target-macs, target-params")
+        if not given:
+            raise ValueError("nothing to prune: give ratio=F (fraction of channels removed), "
+                             "target-macs=F or target-params=F (fraction of the original kept)")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, "
                              f"not '{self.criterion}'")

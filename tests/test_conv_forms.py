@@ -230,8 +230,14 @@ def test_conv_group_error_falls_as_groups_fall():
     tuned = mnist_cnn.accuracy(mnist_cnn.train(result.model.module, epochs=1, lr=1e-3))
     print(f"MNIST CNN top-1 {base:.3f}; conv-group (groups, max weight error, logits rel L2, "
           f"top-1, MACs): {rows}; groups=2 after 1 epoch fine-tuning: {tuned:.3f}")
-    assert all(a[1] > b[1] and a[2] > b[2] and a[4] < b[4] for a, b in zip(rows, rows[1:]))
-    assert rows[-1][3] > rows[0][3] and tuned > rows[-1][3] - 0.005
+    # weight error falls and MACs rise with fewer groups, on any machine. The logits' rel L2
+    # is not asserted to fall: at 8 and 4 groups the untuned model is destroyed (rel L2 ~1,
+    # top-1 at chance) and which of two ~1.0 errors is larger depended on the CPU's float
+    # kernels (AVX2: 1.003 / 0.968 / 0.990); accuracy is the measure that means something.
+    assert all(a[1] > b[1] and a[4] < b[4] for a, b in zip(rows, rows[1:]))
+    assert all(b[3] >= a[3] - 0.02 for a, b in zip(rows, rows[1:]))
+    assert rows[-1][2] < rows[0][2]
+    assert rows[-1][3] > rows[0][3] + 0.2 and tuned > rows[-1][3] - 0.005
 
 
 def test_conv_group_budget():

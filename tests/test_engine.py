@@ -55,7 +55,15 @@ def test_pipeline_options_are_typed():
     ("fold-bn{ratio=0.5}", "has no option 'ratio'"),
     ("fold-bn{copy-shared}", "no '=value'"),
     ("fold-bn{copy-shared=true", "unbalanced"),
-    ("fold-bn,,fold-bn", "empty pass name"),
+    ("fold-bn,,fold-bn", "expected a pass name at position 9"),
+    ("prune-channels(ratio=0.7)", "takes options in"),
+    ("fold-bn(qdq)", "only repeat"),
+    ("fold-bn{forward=true,forward=false}", "given twice"),
+    ("repeat{max-iter=0}(fold-bn)", "max-iter must be >= 1"),
+    ("repeat{max-iter=x}(fold-bn)", "max-iter expects int"),
+    ("fold-bn}", "unexpected '}' at position 8"),
+    ("fold-bn{forward=true}x", "unexpected 'x'"),
+    ("prune-channels", "nothing to prune: give ratio"),
     ("", "empty pipeline"),
 ])
 def test_pipeline_text_errors(text, message):

@@ -182,3 +182,125 @@ def test_conv_group_on_real_orientation_classifier():
     assert all(s.reason for s in rec.skipped)
     grouped = [n for n in result.model.view().nodes() if n.attrs.get("groups") == 2]
     assert len(grouped) == rec.stats["grouped"]
+
+
+# --- command line and Python API: every bad input is a clear error, never a traceback ---------
+
+def _slim_opt(*args):
+    import subprocess
+    import sys
+
+    from tests.test_tools import ROOT
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "slim_opt.py"),
+                           *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def demo_onnx():
+    import pathlib
+    return pathlib.Path(graphslim.__file__).parent / "data" / "demo_cnn.onnx"
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_output_through_a_link_never_overwrites_the_input(link, demo_onnx, tmp_path):
+    """`-o` through a symlink or hard link to the input overwrote it: the same-file check
+    compared path strings. Now inodes (os.path.samefile)."""
+    import os
+    import shutil
+
+    src = tmp_path / "in.onnx"
+    shutil.copy(demo_onnx, src)
+    before = src.read_bytes()
+    alias = tmp_path / "alias.onnx"
+    (os.symlink if link == "symlink" else os.link)(src, alias)
+    proc = _slim_opt(src, "-o", alias, "-p", "fold-bn")
+    assert proc.returncode == 2 and "same file" in proc.stderr, proc.stderr
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("where,message", [
+    ("missing/out.onnx", "does not exist"),
+    (".", "is a directory"),
+])
+def test_bad_output_path_fails_before_work(where, message, demo_onnx, tmp_path):
+    proc = _slim_opt(demo_onnx, "-o", tmp_path / where, "-p", "fold-bn")
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    out = tmp_path / "ok.onnx"
+    proc = _slim_opt(demo_onnx, "-o", out, "-p", "fold-bn", "--json", tmp_path / "no/r.json")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert not out.exists()  # refused before any work: nothing half-written
+
+
+def test_read_only_output_is_refused(demo_onnx, tmp_path):
+    import os
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro_mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)],
+                              capture_output=True)
+    if ro_mount.returncode != 0:
+        os.chmod(ro, 0o555)
+        if os.access(ro, os.W_OK) and os.geteuid() == 0:
+            pytest.skip("running as root without mount: no read-only place to test")
+    try:
+        proc = _slim_opt(demo_onnx, "-o", ro / "out.onnx", "-p", "fold-bn")
+        assert proc.returncode == 2 and "cannot write" in proc.stderr, proc.stderr
+    finally:
+        if ro_mount.returncode == 0:
+            subprocess.run(["umount", str(ro)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-p", "prune-channels(ratio=0.7)"], "takes options in {...}"),
+    (["-p", "fold-bn(qdq)"], "only repeat"),
+    (["-p", "repeat{max-iter=0}(fold-bn)"], "max-iter must be >= 1"),
+    (["-p", "prune-channels"], "nothing to prune"),
+    (["-p", "fold-bn", "--seed", "-1"], "seed must be an integer >= 0"),
+    (["-p", "fold-bn", "--max-error", "nan"], "max_error must be a finite number"),
+    (["-p", "fold-bn", "--max-error", "-1"], "max_error must be a finite number"),
+])
+def test_bad_pipeline_and_options_exit_2(args, message, demo_onnx, tmp_path):
+    proc = _slim_opt(demo_onnx, "-o", tmp_path / "o.onnx", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_python_api_errors_are_graphslim_errors(demo_onnx, tmp_path):
+    model = graphslim.load(demo_onnx)
+    cases = [
+        (lambda: graphslim.load(None), "expected a path"),
+        (lambda: graphslim.optimize(str(demo_onnx), "fold-bn"), "graphslim.load(path) first"),
+        (lambda: graphslim.optimize(model, 42), "a pipeline is text"),
+        (lambda: graphslim.optimize(model, "fold-bn", verify="bogus"), "verify must be"),
+        (lambda: graphslim.optimize(model, "fold-bn",
+                                    inputs={"image": np.zeros((2, 2), np.float32)}), "rank 4"),
+        (lambda: graphslim.optimize(model, "fold-bn",
+                                    inputs={"image": np.zeros((1, 1, 9, 9), np.float32)}),
+         "does not run on the given inputs"),
+        (lambda: model.save(tmp_path / "missing" / "m.onnx"), "does not exist"),
+    ]
+    for call, message in cases:
+        with pytest.raises(graphslim.GraphslimError, match=message.replace("(", r"\(")
+                           .replace(")", r"\)")):
+            call()
+
+
+def test_scalar_and_unbatched_inputs_in_data():
+    """A voice-activity model's scalar `sr` input (0-d int64) made calibration validation raise
+    IndexError; a recurrent state without batch axis could not be given either."""
+    from graphslim.data import batches, validate
+    from graphslim.frontends.base import TensorSpec
+
+    specs = [TensorSpec("x", (1, 8), np.dtype(np.float32)),
+             TensorSpec("state", (2, 1, 4), np.dtype(np.float32)),
+             TensorSpec("sr", (), np.dtype(np.int64))]
+    data = {"x": np.zeros((5, 8), np.float32), "state": np.ones((5, 2, 1, 4), np.float32),
+            "sr": np.array(16000)}
+    assert validate(data, specs) == 5
+    feeds = list(batches(data, specs))
+    assert len(feeds) == 5
+    assert feeds[0]["x"].shape == (1, 8) and feeds[0]["state"].shape == (2, 1, 4)
+    assert feeds[0]["sr"].shape == () and int(feeds[0]["sr"]) == 16000
+    with pytest.raises(graphslim.InputError, match="'state' has shape"):
+        validate({**data, "state": np.ones((5, 3), np.float32)}, specs)

@@ -1,16 +1,17 @@
 """Argument helpers shared by the command-line tools. Exit codes: 0 ok, 1 verification failed,
-2 bad usage or input."""
+2 bad usage or input, 3 internal error (a bug: reported in one line; -v shows the traceback)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import graphslim
 from graphslim.errors import GraphslimError, InputError, PassError, VerificationError
 
-EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def add_input_shape_arg(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,30 @@ def parse_input_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
                              "positive integers, e.g. x:1,3,224,224")
         shapes[name] = shape
     return shapes
+
+
+def check_output(path: str, inputs: tuple[str, ...] = (), what: str = "output") -> None:
+    """Refuse, before any work, an output that is one of the inputs (compared by inode, so a
+    symlink or hard link to the input is caught) or that cannot be written (missing folder, a
+    folder, read-only): the tool would otherwise fail after all the work, or overwrite its
+    input."""
+    for src in inputs:
+        if src and os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
+            raise InputError(f"{what} '{path}' is the input '{src}' (same file); refusing to "
+                             "overwrite it")
+    if os.path.isdir(path):
+        raise InputError(f"{what} '{path}' is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(f"cannot write {what} '{path}': directory '{parent}' does not exist")
+    existed = os.path.exists(path)
+    try:  # a real attempt: os.access says yes to root on read-only files and file systems
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write {what} '{path}': {exc.strerror or exc}") from None
+    if not existed:
+        os.unlink(path)
 
 
 def load_model(path: str, shape_items: list[str]) -> graphslim.OnnxGraph:
@@ -55,3 +80,8 @@ def run_tool(prog: str, body) -> int:
     except GraphslimError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:  # a bug in graphslim: one line, the traceback with -v
+        logging.getLogger(prog).debug("internal error", exc_info=True)
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (a bug in graphslim; "
+              "-v shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL

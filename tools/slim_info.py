@@ -19,7 +19,14 @@ from graphslim.analyses import AnalysisManager
 from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.analyses.cost import Cost
 from graphslim.report import format_rows, human
-from tools._common import EXIT_OK, add_input_shape_arg, load_model, run_tool, setup_logging
+from tools._common import (
+    EXIT_OK,
+    add_input_shape_arg,
+    check_output,
+    load_model,
+    run_tool,
+    setup_logging,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.json:
+        check_output(args.json, (args.input,), "--json file")
     model = load_model(args.input, args.input_shape)
     view = model.view()
     cost = AnalysisManager(model).get(Cost)

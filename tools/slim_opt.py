@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
@@ -23,6 +22,7 @@ from tools._common import (
     EXIT_OK,
     EXIT_USAGE,
     add_input_shape_arg,
+    check_output,
     load_model,
     run_tool,
     setup_logging,
@@ -70,10 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         print("slim-opt: error: need INPUT, -p PIPELINE and -o OUTPUT (or --dry-run)",
               file=sys.stderr)
         return EXIT_USAGE
-    if args.output and os.path.abspath(args.output) == os.path.abspath(args.input):
-        print(f"slim-opt: error: output '{args.output}' is the input; refusing to overwrite it",
-              file=sys.stderr)
-        return EXIT_USAGE
     return run_tool("slim-opt", lambda: _run(args))
 
 
@@ -91,6 +87,11 @@ def _calib_data(path: str, model) -> dict:
 
 def _run(args) -> int:
     pipeline = graphslim.parse_pipeline(args.pipeline)
+    sources = (args.input, args.calib_data)
+    if args.output and not args.dry_run:
+        check_output(args.output, sources)
+    if args.json:
+        check_output(args.json, (*sources, args.output), "--json file")
     model = load_model(args.input, args.input_shape)
     instruments = [PrintIRAfter(args.print_ir_after)] if args.print_ir_after else []
     pm = graphslim.PassManager(pipeline, verify=args.verify, max_error=args.max_error,

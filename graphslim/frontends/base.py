@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from graphslim.edits import Edit
+from graphslim.errors import InputError
 from graphslim.ir import GraphView
 
 
@@ -19,6 +22,24 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
+
+
+@contextlib.contextmanager
+def saving_to(path):
+    """The path as a string, with a missing folder, a folder in its place or an OS error while
+    writing raised as InputError naming the path (not a traceback)."""
+    dest = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if dest is None:
+        raise InputError(f"save needs a file path, got {type(path).__name__}")
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        raise InputError(f"cannot save to '{dest}': directory '{parent}' does not exist")
+    if os.path.isdir(dest):
+        raise InputError(f"cannot save to '{dest}': it is a directory")
+    try:
+        yield dest
+    except OSError as exc:
+        raise InputError(f"cannot save to '{dest}': {exc.strerror or exc}") from None
 
 
 class Frontend(abc.ABC):

@@ -30,7 +30,7 @@ from graphslim.edits import (
     SliceParam,
 )
 from graphslim.errors import InputError, StructureError
-from graphslim.frontends.base import Frontend, TensorSpec
+from graphslim.frontends.base import Frontend, TensorSpec, saving_to
 from graphslim.ir import GraphView, Node, OpKind
 
 try:
@@ -364,7 +364,11 @@ class FxGraph(Frontend):
             return _flatten(fn(*args))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self._forward(self.module, feeds)
+        try:
+            outs = self._forward(self.module, feeds)
+        except Exception as exc:  # a shape mismatch inside the user's forward
+            raise StructureError(f"the module's forward fails: {type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0][:400]}") from None
         return {f"output{i}": t.detach().cpu().numpy() for i, t in enumerate(outs)}
 
     def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:
@@ -457,12 +461,13 @@ class FxGraph(Frontend):
 
     def save(self, path: str) -> None:
         """Pickle the whole module: after structural edits its shapes differ from the class's."""
-        torch.save(self.module, path)
+        with saving_to(path) as dest:
+            torch.save(self.module, dest)
 
     def to_onnx(self, path: str, opset: int = 17) -> None:
         names = [s.name for s in self.input_specs()]
-        with _eval_mode(self.module):
-            torch.onnx.export(self.module, self.example_inputs, path, input_names=names,
+        with _eval_mode(self.module), saving_to(path) as dest:
+            torch.onnx.export(self.module, self.example_inputs, dest, input_names=names,
                               opset_version=opset, dynamo=False)
 
 

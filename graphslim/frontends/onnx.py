@@ -36,7 +36,7 @@ from graphslim.frontends import onnx_edits as edit
 from graphslim.frontends import onnx_load
 from graphslim.frontends import onnx_ops as ops
 from graphslim.frontends import onnx_quant as quant
-from graphslim.frontends.base import Frontend, TensorSpec
+from graphslim.frontends.base import Frontend, TensorSpec, saving_to
 from graphslim.ir import GraphView, Node, OpKind
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,11 @@ class OnnxGraph(Frontend):
     def is_large(self) -> bool:
         return self.nbytes() > _LARGE_BYTES
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike) -> None:
+        with saving_to(path) as dest:
+            self._save(dest)
+
+    def _save(self, path: str) -> None:
         if self.is_large():
             # save_model moves the tensors out of the proto it is given: hand it the cached
             # export and drop that from the cache (a copy would hold the weights twice more).
@@ -327,7 +331,7 @@ class OnnxGraph(Frontend):
                 self._cache["ref"] = self.to_proto().SerializeToString()
             else:
                 path = os.path.join(tempfile.mkdtemp(prefix="graphslim_"), "model.onnx")
-                self.save(path)
+                self._save(path)
                 self._cache["ref"] = path
         return self._cache["ref"]
 
@@ -368,7 +372,11 @@ class OnnxGraph(Frontend):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self._session()
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds)))
+        try:
+            return dict(zip(names, sess.run(names, feeds)))
+        except Exception as exc:  # ORT's run-time errors (a Reshape that no longer fits, ...)
+            raise StructureError("ONNX Runtime fails to run the model: "
+                                 f"{str(exc).strip().splitlines()[0][:400]}") from None
 
     def infer_shapes(self) -> dict[str, tuple]:
         model = self._light_proto()
