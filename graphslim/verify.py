@@ -55,13 +55,14 @@ def make_inputs(specs: list[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]
     feeds = {}
     for s in specs:
         if s.dtype.kind == "f":
-            feeds[s.name] = rng.standard_normal(s.shape).astype(s.dtype)
+            value = rng.standard_normal(s.shape)
         elif s.dtype.kind in "iu":
-            feeds[s.name] = rng.integers(0, 8, size=s.shape).astype(s.dtype)
+            value = rng.integers(0, 8, size=s.shape)
         elif s.dtype.kind == "b":
-            feeds[s.name] = rng.random(s.shape) > 0.5
+            value = rng.random(s.shape) > 0.5
         else:
             raise InputError(f"input '{s.name}': cannot make test data of dtype {s.dtype}")
+        feeds[s.name] = np.asarray(value, dtype=s.dtype)  # 0-d inputs stay arrays for ORT
     log.debug("verification inputs: %s (seed %d)",
               ", ".join(f"{s.name}{list(s.shape)}" for s in specs), seed)
     return feeds

@@ -304,3 +304,45 @@ def test_scalar_and_unbatched_inputs_in_data():
     assert feeds[0]["sr"].shape == () and int(feeds[0]["sr"]) == 16000
     with pytest.raises(graphslim.InputError, match="'state' has shape"):
         validate({**data, "state": np.ones((5, 3), np.float32)}, specs)
+
+
+def _if_model():
+    """conv1 -> relu -> r, read by conv2 and, from the outer scope, inside both branches of an
+    If (as the voice-activity model's state handling does)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("w1", (16, 3, 3, 3)), ("w2", (4, 16, 1, 1))]]
+
+    def branch(op, name):
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)
+        return helper.make_graph([helper.make_node(op, ["r"], [f"{name}_out"], keepdims=0,
+                                                   name=f"{name}_reduce")], name, [], [out])
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1] * 4, name="conv1"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+             helper.make_node("If", ["flag"], ["z"], name="if",
+                              then_branch=branch("ReduceSum", "then"),
+                              else_branch=branch("ReduceMax", "else"))]
+    graph = helper.make_graph(nodes, "g", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+        helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_subgraph_readers_block_pruning(tmp_path):
+    """Pruning sliced channels an If body also reads (shape inference failed after the pass).
+    The view now lists outer values read by subgraphs as inputs of the If node, which the
+    channel analysis does not follow: the group is blocked, with the reason."""
+    model = graphslim.load(_if_model())
+    assert "r" in model.view().node("if").inputs
+    result = graphslim.optimize(model, "prune-channels{ratio=0.5}")
+    conv1 = result.model.view().param_info("conv1", "weight")[0]
+    assert conv1[0] == 16  # unchanged
+    assert ("conv1", "if: op If is not modelled by graphslim") in \
+        [(s.node, s.reason) for s in result.report.skipped()]
+    result.model.save(str(tmp_path / "m.onnx"))

@@ -185,6 +185,9 @@ class OnnxGraph(Frontend):
                     param_users.setdefault(t.name, []).append(g.name)
                 elif t.name:
                     inputs.append(t.name)
+            # values an If / Loop / Scan body reads from the outer graph are inputs too: a
+            # pass that changes them must see that reader (it is opaque, so it blocks)
+            inputs += [v for v in _outer_reads(g) if v not in inputs]
             kind, attrs = ops.classify(g, params)
             nodes.append(Node(g.name, kind, g.op, tuple(inputs), tuple(t.name for t in g.outputs),
                               params, attrs))
@@ -461,6 +464,19 @@ def _copy_without_graph(full: onnx.ModelProto, model: onnx.ModelProto) -> None:
     model.functions.extend(full.functions)
     model.graph.CopyFrom(graph)
     model.ir_version = max(model.ir_version, 4)
+
+
+def _outer_reads(node: gs.Node) -> list[str]:
+    """Names of outer-scope variables read inside the node's subgraphs (nested ones too)."""
+    found: list[str] = []
+    for sub in node.subgraphs() if hasattr(node, "subgraphs") else ():
+        local = {t.name for t in sub.inputs} | {o.name for n in sub.nodes for o in n.outputs}
+        for n in sub.nodes:
+            reads = [t.name for t in n.inputs if isinstance(t, gs.Variable)]
+            for name in [*reads, *_outer_reads(n)]:
+                if name and name not in local and name not in found:
+                    found.append(name)
+    return found
 
 
 def _static(t: gs.Tensor, graph: gs.Graph) -> bool:
