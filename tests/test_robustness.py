@@ -346,3 +346,33 @@ def test_subgraph_readers_block_pruning(tmp_path):
     assert ("conv1", "if: op If is not modelled by graphslim") in \
         [(s.node, s.reason) for s in result.report.skipped()]
     result.model.save(str(tmp_path / "m.onnx"))
+
+
+def test_fx_binds_flag_arguments_to_their_defaults():
+    """A real trained model's `forward(x, embed=False)` failed to trace (control flow on the
+    flag): non-tensor arguments with defaults are bound as constants, as module(x) calls it."""
+    import torch
+    from torch import nn
+
+    from tests.conftest import randomize_bn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+        def forward(self, x, embed=False, scale: float = 2.0):
+            h = self.bn(self.conv(x)).mean((2, 3)) * scale
+            if embed:
+                return h
+            return self.fc(h)
+
+    net = randomize_bn(Net()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    result = graphslim.optimize(graphslim.trace(net, x), "fold-bn")
+    assert result.report.records[-1].verified == "numerical"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.module.modules())
+    with torch.no_grad():
+        np.testing.assert_allclose(result.model.module(x).numpy(), ref, rtol=1e-4, atol=1e-5)

@@ -72,12 +72,35 @@ class _LeafTracer(fx.Tracer):
             raise
 
 
-def _trace(module: nn.Module, leaves: set[str]) -> fx.GraphModule:
+def _constant_args(module: nn.Module, n_inputs: int) -> dict:
+    """forward's parameters past the example inputs whose defaults are not tensors (flags such
+    as `embed=False`, scales, modes): bound to their defaults as constants, as a user calling
+    module(x) gets them, so Python control flow on them traces."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    bound = {}
+    for p in params[n_inputs:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if not isinstance(p.default, torch.Tensor):
+            bound[p.name] = p.default
+    return bound
+
+
+def _trace(module: nn.Module, leaves: set[str], n_inputs: int | None = None) -> fx.GraphModule:
     leaves = set(leaves)
+    concrete = _constant_args(module, n_inputs) if n_inputs is not None else {}
+    if concrete:
+        log.info("fx: %s bound to their defaults as constants",
+                 ", ".join(f"{k}={v!r}" for k, v in concrete.items()))
     for _ in range(200):
         tracer = _LeafTracer(leaves)
         try:
-            graph = tracer.trace(module)
+            graph = tracer.trace(module, concrete_args=concrete or None)
         except Exception as exc:
             if tracer.failed is None or tracer.failed in leaves:
                 raise InputError(f"torch.fx cannot trace {type(module).__name__}: "
@@ -164,7 +187,7 @@ class FxGraph(Frontend):
     def __init__(self, module: nn.Module, example_inputs: tuple, leaves: set[str] = frozenset()):
         self.module = module
         self.example_inputs = example_inputs
-        self.gm = _trace(module, set(leaves))
+        self.gm = _trace(module, set(leaves), len(example_inputs))
         self.traced_with = "torch.fx.symbolic_trace"
         if self.gm.meta["graphslim_leaves"]:
             self.traced_with += f" (opaque leaves: {', '.join(self.gm.meta['graphslim_leaves'])})"
@@ -292,7 +315,8 @@ class FxGraph(Frontend):
             self.gm.graph.lint()
             self.gm.recompile()
             if retrace:  # swapped-in Sequentials are traced through, so the view sees the chain
-                self.gm = _trace(self.module, set(self.gm.meta["graphslim_leaves"]))
+                self.gm = _trace(self.module, set(self.gm.meta["graphslim_leaves"]),
+                                 len(self.example_inputs))
             self._version += 1
             self._cache.clear()
         return len(touched)
