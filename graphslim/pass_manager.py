@@ -285,7 +285,7 @@ class PassManager:
 
 
 def _check_feeds(inputs, specs) -> dict:
-    """The user's verification inputs, checked against the model's inputs by name, shape and
+    """The user's verification inputs, checked against the model's inputs by name, rank and
     dtype kind (else ORT's own error would surface mid-pipeline)."""
     import numpy as np
 
