@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from benchmarks.assets import asset_path
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PIPELINES = ("fold-bn", "equalize", "fold-bn,equalize", "prune-channels{ratio=0.3}",
@@ -40,16 +42,6 @@ class Case:
     name: str
     path: str
     shapes: tuple[str, ...]  # --input-shape items
-
-
-def _package_file(package: str, rel: str) -> str | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], rel)
-    return path if os.path.exists(path) else None
 
 
 def real_files() -> list[Case]:
@@ -67,7 +59,7 @@ def real_files() -> list[Case]:
          "x:1,3,224,224"),
         ("yolov8n", "nudenet", "320n.onnx", "images:1,3,320,320"),
     ]:
-        path = _package_file(pkg, rel)
+        path = asset_path(pkg, rel)
         if path:
             found.append(Case(name, path, (shape,)))
     return found

@@ -11,14 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Any, ClassVar
+from typing import Any
 
-from graphslim.analyses import Analysis, AnalysisManager
+from graphslim.analyses import AnalysisManager
 from graphslim.analyses.cost import Cost
-from graphslim.edits import Edit
 from graphslim.errors import (
     GraphslimError,
     InputError,
@@ -27,92 +24,19 @@ from graphslim.errors import (
     VerificationError,
 )
 from graphslim.frontends.base import Frontend
-from graphslim.ir import GraphView
+from graphslim.pass_base import (  # noqa: F401  (Pass, Plan, ... re-exported for passes)
+    Pass,
+    Plan,
+    Repeat,
+    Skip,
+    register_pass,
+    registered_passes,
+)
+from graphslim.pipeline_text import parse_pipeline, print_pipeline
 from graphslim.report import PassRecord, Report, Snapshot
 from graphslim.verify import ErrorMetrics, Tolerance, compare, is_close, make_inputs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Skip:
-    node: str
-    reason: str
-
-
-@dataclass
-class Plan:
-    edits: list[Edit] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    stats: Counter = field(default_factory=Counter)
-    notes: list[str] = field(default_factory=list)
-    details: list[dict] = field(default_factory=list)
-
-    def skip(self, node: str, reason: str) -> None:
-        self.skipped.append(Skip(node, reason))
-
-
-@dataclass(frozen=True)
-class Pass:
-    """Base of every pass. Subclasses are frozen dataclasses whose fields are their options."""
-
-    name: ClassVar[str] = "pass"
-    lossless: ClassVar[bool] = True
-    preserves: ClassVar[tuple[type[Analysis], ...]] = ()
-    summary: ClassVar[str] = ""
-    #: the ONNX opset the edits need (QuantizeLinear with `axis`: 13); the model is converted
-    #: up before planning where it is older
-    min_opset: ClassVar[int | None] = None
-
-    def plan(self, view: GraphView, analyses: AnalysisManager) -> Plan:
-        raise NotImplementedError
-
-    def __str__(self) -> str:
-        from graphslim.pipeline_text import print_pass
-        return print_pass(self)
-
-
-@dataclass(frozen=True)
-class Repeat:
-    """Run `passes` in order until none of them changes anything, at most `max_iter` rounds."""
-
-    passes: tuple
-    max_iter: int = 4
-    name: ClassVar[str] = "repeat"
-
-    def __post_init__(self):
-        if self.max_iter < 1:
-            raise ValueError("repeat: max-iter must be >= 1")
-
-    def __str__(self) -> str:
-        from graphslim.pipeline_text import print_pass
-        return print_pass(self)
-
-
-_REGISTRY: dict[str, type[Pass]] = {}
-_ENTRY_POINTS_LOADED = False
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available by its textual name."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"two passes named '{cls.name}': {_REGISTRY[cls.name]} and {cls}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def registered_passes() -> dict[str, type[Pass]]:
-    """Registered passes, including those installed packages declare under the
-    `graphslim.passes` entry-point group (so the engine never imports `passes` itself)."""
-    global _ENTRY_POINTS_LOADED
-    if not _ENTRY_POINTS_LOADED:
-        _ENTRY_POINTS_LOADED = True
-        for ep in metadata.entry_points(group="graphslim.passes"):
-            try:
-                ep.load()
-            except Exception as exc:  # a broken plugin must not take the engine down
-                log.warning("could not load pass plugin %s: %s", ep.value, exc)
-    return dict(_REGISTRY)
 
 
 @dataclass
@@ -129,7 +53,6 @@ class PassManager:
     def __init__(self, pipeline, verify: str = "each", tolerance: Tolerance = Tolerance(),
                  max_error: float | None = None, seed: int = 0, instruments=(),
                  inplace: bool = False):
-        from graphslim.pipeline_text import parse_pipeline
         if isinstance(pipeline, str):
             pipeline = parse_pipeline(pipeline)
         elif isinstance(pipeline, (Pass, Repeat)):
@@ -156,7 +79,6 @@ class PassManager:
 
     @property
     def text(self) -> str:
-        from graphslim.pipeline_text import print_pipeline
         return print_pipeline(self.pipeline)
 
     def run(self, model: Frontend, data: Any = None,

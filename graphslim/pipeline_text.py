@@ -10,39 +10,13 @@ import dataclasses
 import typing
 
 from graphslim.errors import PipelineError
-
-
-def _kebab(field_name: str) -> str:
-    return field_name.replace("_", "-")
-
-
-def _format_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (tuple, list)):
-        return ";".join(_format_value(x) for x in v)
-    return str(v)
-
-
-def print_pass(p) -> str:
-    """`name{opt=value,...}` listing only options that differ from their defaults."""
-    from graphslim.pass_manager import Repeat
-
-    if isinstance(p, Repeat):
-        inner = ",".join(print_pass(q) for q in p.passes)
-        return f"repeat{{max-iter={p.max_iter}}}({inner})"
-    opts = []
-    for f in dataclasses.fields(p):
-        v = getattr(p, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        if v != default:
-            opts.append(f"{_kebab(f.name)}={_format_value(v)}")
-    return p.name + (f"{{{','.join(opts)}}}" if opts else "")
-
-
-def print_pipeline(passes) -> str:
-    return ",".join(print_pass(p) for p in passes)
+from graphslim.pass_base import (  # noqa: F401  (printing, re-exported beside parsing)
+    Repeat,
+    option_name,
+    print_pass,
+    print_pipeline,
+    registered_passes,
+)
 
 
 class _Parser:
@@ -153,8 +127,6 @@ def _convert(pass_name: str, key: str, raw: str, typ):
 
 
 def _build(item: tuple, registry: dict, parser: _Parser):
-    from graphslim.pass_manager import Repeat
-
     name, at, opts, inner = item
     if name == "repeat":
         raw, kpos = opts.pop("max-iter", ("4", at))
@@ -172,7 +144,7 @@ def _build(item: tuple, registry: dict, parser: _Parser):
                            f"{', '.join(sorted(registry))}", at)
     cls = registry[name]
     hints = typing.get_type_hints(cls)
-    fields = {_kebab(f.name): f.name for f in dataclasses.fields(cls)}
+    fields = {option_name(f.name): f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, (raw, kpos) in opts.items():
         if key not in fields:
@@ -194,7 +166,6 @@ def parse_pipeline(text: str, registry: dict | None = None) -> list:
         raise PipelineError(f"a pipeline is text such as 'fold-bn,qdq', not "
                             f"{type(text).__name__}")
     if registry is None:
-        from graphslim.pass_manager import registered_passes
         registry = registered_passes()
     if not text.strip():
         raise PipelineError("empty pipeline")

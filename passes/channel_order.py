@@ -65,17 +65,23 @@ def reorderable(deps: ChannelDeps, node: str, axis: int):
     if len(units) != group.size or not np.isin(group.units, units).all() or \
             any(deps.group_of(int(u)).index != group.index for u in units):
         return f"its {side} channels are part of a larger tensor (a concat or a slice)"
-    for s in deps.sites:  # every site must be a plain 1-D parameter axis to gather
-        ids = np.concatenate([np.ravel(p) for p in s.pieces]) if isinstance(s, SplitSite) \
-            else s.ids
-        if isinstance(s, GroupCountSite) or \
-                not np.isin(deps.units_of(np.ravel(ids)), group.units).any():
-            continue
+    for s, ids, _ in _group_sites(deps, group):  # each must be a plain 1-D parameter axis
         if not isinstance(s, ParamSite):
             return f"'{s.node}' splits, slices or reshapes these channels"
         if s.node != node and ids.ndim != 1:
             return f"'{s.node}' holds these channels in a multi-axis block"
     return units, group
+
+
+def _group_sites(deps: ChannelDeps, group):
+    """(site, ids, in_group mask) of every site holding some of the group's channels; group
+    counts are left out (one unit per group here, so a reordering does not change them)."""
+    for s in deps.sites:
+        ids = np.concatenate([np.ravel(p) for p in s.pieces]) if isinstance(s, SplitSite) \
+            else s.ids
+        in_group = np.isin(deps.units_of(np.ravel(ids)), group.units)
+        if in_group.any() and not isinstance(s, GroupCountSite):
+            yield s, ids, in_group
 
 
 def reorder_edits(deps: ChannelDeps, node: str, axis: int, order: np.ndarray) -> Reorder | str:
@@ -91,18 +97,9 @@ def reorder_edits(deps: ChannelDeps, node: str, axis: int, order: np.ndarray) ->
     units, group = found
     rank = dict(zip(units[order].tolist(), range(len(units))))
     edits, nodes = [], set()
-    for s in deps.sites:
-        ids = np.concatenate([np.ravel(p) for p in s.pieces]) if isinstance(s, SplitSite) \
-            else s.ids
-        in_group = np.isin(deps.units_of(np.ravel(ids)), group.units)
-        if not in_group.any() or isinstance(s, GroupCountSite):
-            continue  # (a group count: one unit per group here, so counts do not change)
-        if not isinstance(s, ParamSite):
-            return f"'{s.node}' splits, slices or reshapes these channels"
-        if s.node == node:
+    for s, ids, in_group in _group_sites(deps, group):
+        if s.node == node:  # reorderable() checked every site is a 1-D parameter axis
             continue
-        if ids.ndim != 1:
-            return f"'{s.node}' holds these channels in a multi-axis block"
         positions = np.flatnonzero(in_group)
         keys = np.asarray([rank[u] for u in deps.units_of(ids[positions]).tolist()])
         new = np.arange(len(ids))

@@ -81,9 +81,9 @@ def keep_float(qdq, view, analyses, chosen, calib, plan: Plan) -> set[str]:
 
 
 def _feeds(analyses) -> list[dict[str, np.ndarray]]:
-    from graphslim.analyses.activations import _data_or_synthetic
+    from graphslim.analyses.activations import data_or_synthetic
 
-    source, _ = _data_or_synthetic(analyses, "sensitivity trials")
+    source, _ = data_or_synthetic(analyses, "sensitivity trials")
     specs = analyses.model.input_specs()
     source = {k: np.asarray(v)[:_TRIAL_SAMPLES] for k, v in source.items()}
     return list(data_mod.batches(source, specs))

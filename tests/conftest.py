@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
@@ -81,12 +78,11 @@ def frontend(request):
 
 
 def package_file(package: str, relpath: str) -> str:
-    """A data file inside an installed package, located without importing the package (several
-    model-carrying packages import heavy optional dependencies at import time)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"test asset package '{package}' is not installed")
-    path = os.path.join(spec.submodule_search_locations[0], relpath)
-    if not os.path.exists(path):
-        pytest.skip(f"{relpath} not found in {package}")
+    """A data file inside an installed package (benchmarks.assets.asset_path); the test is
+    skipped when the asset package is not installed."""
+    from benchmarks.assets import asset_path
+
+    path = asset_path(package, relpath)
+    if path is None:
+        pytest.skip(f"test asset {relpath} of package '{package}' is not installed")
     return path

@@ -10,6 +10,7 @@ import sys
 
 import graphslim
 from graphslim.errors import GraphslimError, InputError, PassError, VerificationError
+from graphslim.frontends.base import saving_to
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -37,23 +38,16 @@ def parse_input_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
 def check_output(path: str, inputs: tuple[str, ...] = (), what: str = "output") -> None:
     """Refuse, before any work, an output that is one of the inputs (compared by inode, so a
     symlink or hard link to the input is caught) or that cannot be written (missing folder, a
-    folder, read-only): the tool would otherwise fail after all the work, or overwrite its
-    input."""
+    folder, read-only; the same checks as every frontend's save): the tool would otherwise fail
+    after all the work, or overwrite its input."""
     for src in inputs:
         if src and os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
             raise InputError(f"{what} '{path}' is the input '{src}' (same file); refusing to "
                              "overwrite it")
-    if os.path.isdir(path):
-        raise InputError(f"{what} '{path}' is a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise InputError(f"cannot write {what} '{path}': directory '{parent}' does not exist")
     existed = os.path.exists(path)
-    try:  # a real attempt: os.access says yes to root on read-only files and file systems
-        with open(path, "ab"):
+    with saving_to(path) as dest:  # a real open: os.access says yes to root on read-only files
+        with open(dest, "ab"):
             pass
-    except OSError as exc:
-        raise InputError(f"cannot write {what} '{path}': {exc.strerror or exc}") from None
     if not existed:
         os.unlink(path)
 

@@ -27,7 +27,7 @@ class Gram:
     synthetic: bool
 
 
-def _data_or_synthetic(am: AnalysisManager, what: str) -> tuple:
+def data_or_synthetic(am: AnalysisManager, what: str) -> tuple:
     """The user's data, or the seeded verification inputs (logged) when there is none."""
     if am.data is not None:
         return am.data, False
@@ -54,7 +54,7 @@ class LayerInputGram(Analysis):
         if not nodes:
             return {}
         specs = am.model.input_specs()
-        source, synthetic = _data_or_synthetic(am, "activation statistics")
+        source, synthetic = data_or_synthetic(am, "activation statistics")
         grams: dict[str, np.ndarray] = {}
         rows: dict[str, int] = {}
         values = sorted({n.inputs[0] for n in nodes})
@@ -91,7 +91,7 @@ class TaylorSaliency(Analysis):
     @classmethod
     def compute(cls, am: AnalysisManager) -> Saliency:
         specs = am.model.input_specs()
-        source, synthetic = _data_or_synthetic(am, "taylor saliency")
+        source, synthetic = data_or_synthetic(am, "taylor saliency")
         labels = None if synthetic else source.get(data_mod.LABELS)
         if hasattr(am.model, "weight_gradient_products"):
             feeds = list(data_mod.batches(source, specs, size=64))  # torch takes any batch

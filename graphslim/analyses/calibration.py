@@ -192,10 +192,10 @@ def calibration_of(samples: int = 0) -> type[Analysis]:
 
 
 def _calibrate(am: AnalysisManager, samples: int) -> Calibration:
-    from graphslim.analyses.activations import _data_or_synthetic
+    from graphslim.analyses.activations import data_or_synthetic
 
     specs = am.model.input_specs()
-    source, synthetic = _data_or_synthetic(am, "calibration ranges")
+    source, synthetic = data_or_synthetic(am, "calibration ranges")
     if samples:
         source = {k: np.asarray(v)[:samples] for k, v in source.items()}
     if not synthetic:

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphslim.analyses.channels import Label, ShapeSite, SliceSite, SplitSite, _UnionFind
+from graphslim.analyses.channel_types import (
+    Label,
+    ShapeSite,
+    SliceSite,
+    SplitSite,
+    UnionFind,
+    Unsupported,
+)
 from graphslim.ir import GraphView, Node
 
 _RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "view", "reshape", "flatten",
@@ -17,12 +24,8 @@ _RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "view", "reshape", "f
 _SHAPE_OPS = {"Shape", "size", "getattr", "dim", "numel"}
 
 
-class _Unsupported(Exception):
-    pass
-
-
 @dataclass
-class _Pieces:
+class Pieces:
     """The tuple output of an fx split/chunk, indexed by a following getitem."""
 
     labels: list
@@ -41,7 +44,7 @@ class LayoutRules:
         parts = []
         for o in ops:
             if o.label is not None and o.label.axes != (axis,):
-                raise _Unsupported(f"operand label spans axes {o.label.axes}")
+                raise Unsupported(f"operand label spans axes {o.label.axes}")
             if o.label is None:
                 ids = self.uf.new(o.shape[axis], f"{node.name}.fixed")
                 self.block(ids, f"{node.name}: concatenated with a tensor graphslim does "
@@ -60,14 +63,14 @@ class LayoutRules:
             labels = [lab] * len(sizes)
         else:
             if lab.axes != (axis,):
-                raise _Unsupported(f"label spans axes {lab.axes}")
+                raise Unsupported(f"label spans axes {lab.axes}")
             labels = [Label((axis,), p) for p in np.split(lab.ids, np.cumsum(sizes)[:-1])]
             self.sites.append(SplitSite(node.name, axis, tuple(lb.ids for lb in labels)))
         if len(node.outputs) == len(sizes):
             for v, lb in zip(node.outputs, labels):
                 self.labels[v] = lb
         else:
-            self.labels[node.output] = _Pieces(labels)
+            self.labels[node.output] = Pieces(labels)
 
     def split_sizes(self, node: Node, rank: int, axis: int) -> list[int]:
         if len(node.outputs) > 1:
@@ -82,15 +85,15 @@ class LayoutRules:
             return [min(arg, total - i) for i in range(0, total, arg)]
         if isinstance(arg, (list, tuple)) and all(isinstance(s, int) for s in arg):
             return list(arg)
-        raise _Unsupported("split sizes unknown")
+        raise Unsupported("split sizes unknown")
 
     def slice(self, node: Node) -> None:
         src = node.inputs[0] if node.inputs else None
         lab = self.labels.get(src)
-        if isinstance(lab, _Pieces):
+        if isinstance(lab, Pieces):
             index = node.attrs.get("args", (None,))[0]
             if not isinstance(index, int):
-                raise _Unsupported("non-constant index into a split")
+                raise Unsupported("non-constant index into a split")
             self.set_out(node, lab.labels[index])
             return
         if lab is None or node.output not in self.shapes:
@@ -108,10 +111,10 @@ class LayoutRules:
         else:
             mapping = self.onnx_slice_axes(node, in_shape)
         if mapping is None or any(mapping.get(a) is None for a in lab.axes):
-            raise _Unsupported("slices or indexes a pruned axis")
+            raise Unsupported("slices or indexes a pruned axis")
         axes = tuple(mapping[a] for a in lab.axes)
         if any(out_shape[b] != in_shape[a] for a, b in zip(lab.axes, axes)):
-            raise _Unsupported("slices a pruned axis")
+            raise Unsupported("slices a pruned axis")
         self.set_out(node, Label(axes, lab.ids))
 
     def scalar_index(self, node: Node, lab: Label, in_shape: tuple) -> Label | None:
@@ -143,7 +146,7 @@ class LayoutRules:
         if lab is not None:
             o = self.align(shape, lab, len(out), None)
             if any(o.shape[a] != out[a] for a in o.label.axes):
-                raise _Unsupported("expands a pruned axis")
+                raise Unsupported("expands a pruned axis")
             self.set_out(node, o.label)
             return
         if const is not None and len(out) == len(shape):
@@ -202,7 +205,7 @@ class LayoutRules:
         if lab is not None:
             i, o = self.shape(x), self.shape(node.output)
             if len(i) != len(o) or any(i[a] != o[a] for a in lab.axes):
-                raise _Unsupported("changes the size of a pruned axis")
+                raise Unsupported("changes the size of a pruned axis")
         self.set_out(node, lab)
 
     def reshape(self, node: Node) -> None:
@@ -212,7 +215,7 @@ class LayoutRules:
             self.set_out(node, None)
             return
         if node.op not in _RESHAPES:
-            raise _Unsupported("reshape with literal sizes graphslim does not rewrite")
+            raise Unsupported("reshape with literal sizes graphslim does not rewrite")
         in_shape, out_shape = self.shape(x), self.shape(node.output)
         if lab.ids.size == 1:  # a single channel: nothing to prune, and no axis to follow
             self.block(lab.ids, f"{node.name}: reshapes a one-channel tensor")
@@ -245,7 +248,7 @@ class LayoutRules:
             return
         axes, keep = _reduce_axes(self, node, rank)
         if set(axes) & set(lab.axes):
-            raise _Unsupported("reduces over pruned channels")
+            raise Unsupported("reduces over pruned channels")
         if keep:
             self.set_out(node, lab)
         else:
@@ -259,7 +262,7 @@ class LayoutRules:
         axis = node.attrs.get("axis", node.attrs.get("dim", kw.get("dim",
                                                                     args[0] if args else -1)))
         if lab is not None and (axis is None or int(axis) % rank in lab.axes):
-            raise _Unsupported("softmax over pruned channels")
+            raise Unsupported("softmax over pruned channels")
         self.set_out(node, lab)
 
     def shape_op(self, node: Node) -> None:
@@ -391,7 +394,7 @@ def _perm(node: Node, rank: int) -> list[int]:
         return perm
     dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
     if not all(isinstance(d, int) for d in dims):
-        raise _Unsupported("permutation not constant")
+        raise Unsupported("permutation not constant")
     return [int(d) % rank for d in dims]
 
 
@@ -409,7 +412,7 @@ def _reduce_axes(p: LayoutRules, node: Node, rank: int) -> tuple[list[int], bool
         return list(range(rank)), keep
     dims = [dims] if isinstance(dims, int) else list(dims)
     if not all(isinstance(d, int) for d in dims):
-        raise _Unsupported("reduction axes not constant")
+        raise Unsupported("reduction axes not constant")
     return sorted(int(d) % rank for d in dims), keep
 
 
@@ -461,14 +464,14 @@ def _reshape_label(lab: Label, in_shape: tuple, out_shape: tuple) -> tuple[tuple
     if olo >= ohi:
         olo = min(j for j, v in enumerate(out_cp) if v == v_lo)
     if olo >= ohi:
-        raise _Unsupported("no output axes carry the pruned channels")
+        raise Unsupported("no output axes carry the pruned channels")
     block = [in_shape[a] for a in range(lo, hi)]
     spread = lab.ids.reshape([in_shape[a] if a in lab.axes else 1 for a in range(lo, hi)])
     ids = np.broadcast_to(spread, block).reshape([out_shape[j] for j in range(olo, ohi)])
     return tuple(range(olo, ohi)), np.ascontiguousarray(ids)
 
 
-def _squeeze_constant(lab: Label, uf: _UnionFind) -> Label:
+def _squeeze_constant(lab: Label, uf: UnionFind) -> Label:
     """Drop axes along which the ids repeat (size-1 or broadcast) from a label."""
     keep = [i for i in range(lab.ids.ndim)
             if lab.ids.shape[i] > 1 and not np.all(lab.ids == lab.ids.take([0], axis=i))]

@@ -11,23 +11,22 @@ axes stay fixed.
 
 from __future__ import annotations
 
-from graphslim.analyses.channel_rules import Propagation, _Operand, _Unsupported
-from graphslim.analyses.channels import Label
+from graphslim.analyses.channel_types import Label, Operand, Unsupported
 from graphslim.ir import Node
 
 
-def _virtual(shape: tuple, lab: Label | None, out_rank: int, left: bool) -> _Operand:
+def _virtual(shape: tuple, lab: Label | None, out_rank: int, left: bool) -> Operand:
     r = len(shape)
     if r < 2:
-        raise _Unsupported("matmul of a vector")
+        raise Unsupported("matmul of a vector")
     batch = (1,) * (out_rank - r) + tuple(shape[:-2])
     m, k, n = (shape[-2], shape[-1], 1) if left else (1, shape[-2], shape[-1])
     vshape = (*batch, m, n, k)
     if lab is None:
-        return _Operand(vshape, None, None)
+        return Operand(vshape, None, None)
     k_axis, own = (r - 1, r - 2) if left else (r - 2, r - 1)
     if k_axis in lab.axes and own in lab.axes:
-        raise _Unsupported("one operand's label covers both its contraction and output axes")
+        raise Unsupported("one operand's label covers both its contraction and output axes")
 
     def move(a: int) -> int:
         if a == k_axis:
@@ -38,15 +37,15 @@ def _virtual(shape: tuple, lab: Label | None, out_rank: int, left: bool) -> _Ope
 
     axes = [move(a) for a in lab.axes]
     order = sorted(range(len(axes)), key=axes.__getitem__)
-    return _Operand(vshape, Label(tuple(sorted(axes)), lab.ids.transpose(order)), None)
+    return Operand(vshape, Label(tuple(sorted(axes)), lab.ids.transpose(order)), None)
 
 
-def matmul_rule(p: Propagation, node: Node) -> None:
+def matmul_rule(p, node: Node) -> None:
     if "equation" in node.attrs or node.attrs.get("fn") == "linear":
-        raise _Unsupported("einsum / functional linear on pruned channels")
+        raise Unsupported("einsum / functional linear on pruned channels")
     operands = p.operands(node)
     if len(operands) != 2:
-        raise _Unsupported("matmul with other than two operands")
+        raise Unsupported("matmul with other than two operands")
     out_rank = len(p.shape(node.output))
     (sa, la, _), (sb, lb, _) = operands
     ops = [_virtual(sa, la, out_rank, True), _virtual(sb, lb, out_rank, False)]
@@ -62,7 +61,7 @@ def matmul_rule(p: Propagation, node: Node) -> None:
     batch = [a for a in axes if a < out_rank - 2]
     rest = [a for a in axes if a >= out_rank - 2 and a != k]
     if rest:
-        raise _Unsupported("contraction channels and output channels in one label")
+        raise Unsupported("contraction channels and output channels in one label")
     if batch and p.heads:
         p.uf.tie(ids, axes.index(k))
         p.set_out(node, Label(tuple(batch), ids.take(0, axis=axes.index(k))))

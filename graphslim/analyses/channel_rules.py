@@ -9,17 +9,18 @@ something it cannot model blocks the ids involved with a reason; it never guesse
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from graphslim.analyses.channel_layout import LayoutRules, _Pieces, _Unsupported
-from graphslim.analyses.channels import (
+from graphslim.analyses.channel_layout import LayoutRules, Pieces
+from graphslim.analyses.channel_matmul import matmul_rule
+from graphslim.analyses.channel_types import (
     ChannelDeps,
     GroupCountSite,
     Label,
+    Operand,
     ParamSite,
-    _UnionFind,
+    UnionFind,
+    Unsupported,
 )
 from graphslim.ir import GraphView, Node, OpKind
 
@@ -27,18 +28,11 @@ _ELEMENTWISE = {OpKind.ACTIVATION, OpKind.ELEMENTWISE, OpKind.ADD, OpKind.SUB, O
                 OpKind.DIV, OpKind.IDENTITY}
 
 
-@dataclass
-class _Operand:
-    shape: tuple            # aligned to the op's (virtual) output rank
-    label: Label | None     # axes already aligned
-    const: tuple | None     # (node, role, param key, param rank) of a sliceable constant
-
-
 class Propagation(LayoutRules):
     def __init__(self, view: GraphView, shapes: dict, heads: bool):
         self.view, self.shapes, self.heads = view, shapes, heads
-        self.uf = _UnionFind()
-        self.labels: dict[str, Label | _Pieces | None] = {}
+        self.uf = UnionFind()
+        self.labels: dict[str, Label | Pieces | None] = {}
         self.const_of: dict[str, tuple] = {}     # fx get_attr value -> (node, role, key)
         self.const_ids: dict[tuple, np.ndarray] = {}
         self.sites: list = []
@@ -79,7 +73,7 @@ class Propagation(LayoutRules):
                 continue
             try:
                 rule(node)
-            except _Unsupported as exc:
+            except Unsupported as exc:
                 self.block_inputs(node, f"{node.name} ({node.op}): {exc}")
         for v in self.view.outputs:
             lab = self.labels.get(v)
@@ -118,14 +112,14 @@ class Propagation(LayoutRules):
     # --- helpers -----------------------------------------------------------------------------
     def label(self, value: str) -> Label | None:
         lab = self.labels.get(value)
-        if isinstance(lab, _Pieces):
-            raise _Unsupported("uses a split's tuple directly")
+        if isinstance(lab, Pieces):
+            raise Unsupported("uses a split's tuple directly")
         return lab
 
     def shape(self, value: str) -> tuple:
         s = self.shapes.get(value)
         if s is None or not all(isinstance(d, int) for d in s):
-            raise _Unsupported(f"shape of '{value}' unknown")
+            raise Unsupported(f"shape of '{value}' unknown")
         return tuple(s)
 
     def block(self, ids, reason: str) -> None:
@@ -134,7 +128,7 @@ class Propagation(LayoutRules):
     def block_inputs(self, node: Node, reason: str) -> None:
         for v in node.inputs:
             lab = self.labels.get(v)
-            labs = lab.labels if isinstance(lab, _Pieces) else [lab]
+            labs = lab.labels if isinstance(lab, Pieces) else [lab]
             for lab in labs:
                 if isinstance(lab, Label):
                     self.block(lab.ids, reason)
@@ -165,16 +159,16 @@ class Propagation(LayoutRules):
         return out
 
     @staticmethod
-    def align(shape: tuple, lab: Label | None, rank: int, const) -> _Operand:
+    def align(shape: tuple, lab: Label | None, rank: int, const) -> Operand:
         off = rank - len(shape)
         if off < 0:
-            raise _Unsupported("operand of higher rank than the output")
+            raise Unsupported("operand of higher rank than the output")
         lab = None if lab is None else Label(tuple(a + off for a in lab.axes), lab.ids)
         const = None if const is None else (*const, len(shape))
-        return _Operand((1,) * off + tuple(shape), lab, const)
+        return Operand((1,) * off + tuple(shape), lab, const)
 
     # --- the union core: broadcasting operands ----------------------------------------------
-    def union(self, node: Node, ops: list[_Operand], skip_axis: int | None = None
+    def union(self, node: Node, ops: list[Operand], skip_axis: int | None = None
               ) -> Label | None:
         """Unite the labels of broadcasting operands; unlabelled operands of full size on a
         labelled axis are sliceable constants (they get ids) or fix that axis (tie)."""
@@ -189,7 +183,7 @@ class Propagation(LayoutRules):
                 continue
             for a, n in zip(o.label.axes, o.label.ids.shape):
                 if n != sizes[joint.index(a)] and n != 1:
-                    raise _Unsupported("labelled axis sizes disagree")
+                    raise Unsupported("labelled axis sizes disagree")
             b = np.broadcast_to(o.label.ids.reshape(
                 [o.shape[a] if a in o.label.axes else 1 for a in joint]), sizes)
             if J is None:
@@ -213,7 +207,7 @@ class Propagation(LayoutRules):
         assert rank == len(ops[-1].shape)
         return Label(tuple(joint), J)
 
-    def const_label(self, o: _Operand, axis: int, joint: list, sizes: list, J) -> None:
+    def const_label(self, o: Operand, axis: int, joint: list, sizes: list, J) -> None:
         node, role, _, prank = o.const
         p_axis = axis - (len(o.shape) - prank)
         key = (self._storage(node, role), p_axis)
@@ -257,10 +251,10 @@ class Propagation(LayoutRules):
         lab = self.label(node.inputs[0])
         w_shape, _ = self.view.param_info(node.name, "weight")
         if int(node.attrs.get("groups", 1)) != 1:
-            raise _Unsupported("grouped transposed conv")
+            raise Unsupported("grouped transposed conv")
         if lab is not None:
             if lab.axes != (1,):
-                raise _Unsupported(f"input label spans axes {lab.axes}")
+                raise Unsupported(f"input label spans axes {lab.axes}")
             self.sites.append(ParamSite(node.name, "weight", 0, lab.ids, consumer=True))
         out_ids = self.uf.new(w_shape[1], node.name)
         self.sites.append(ParamSite(node.name, "weight", 1, out_ids))
@@ -290,13 +284,13 @@ class Propagation(LayoutRules):
         keeps one width for the three)."""
         ins = self.data_inputs(node)
         if not node.attrs.get("packed") or len(ins) != 1:
-            raise _Unsupported("only packed self-attention is modelled")
+            raise Unsupported("only packed self-attention is modelled")
         x = ins[0]
         lab, rank = self.label(x), len(self.shape(x))
         heads, inner = int(node.attrs["num_heads"]), int(node.attrs["inner_dim"])
         if lab is not None:
             if lab.axes != (rank - 1,):
-                raise _Unsupported(f"input label spans axes {lab.axes}")
+                raise Unsupported(f"input label spans axes {lab.axes}")
             self.sites.append(ParamSite(node.name, "in_proj_weight", 1, lab.ids, consumer=True))
         qkv = self.uf.new((3, heads, inner // heads), f"{node.name}.qkv")
         if self.heads:
@@ -314,14 +308,14 @@ class Propagation(LayoutRules):
         for role, ids in (("in_proj_bias", qkv.ravel()), ("out_proj.bias", out)):
             if role in node.params:
                 self.sites.append(ParamSite(node.name, role, 0, ids))
-        self.labels[node.output] = _Pieces([Label((rank - 1,), out), None])
+        self.labels[node.output] = Pieces([Label((rank - 1,), out), None])
 
     # --- rules: norms ----------------------------------------------------------------------------
     def channel_norm(self, node: Node) -> None:
         lab = self.label(node.inputs[0])
         if lab is not None and 1 in lab.axes:
             if lab.axes != (1,):
-                raise _Unsupported(f"label spans axes {lab.axes}")
+                raise Unsupported(f"label spans axes {lab.axes}")
             for role in node.params:
                 if role in ("scale", "bias", "mean", "var"):
                     self.sites.append(ParamSite(node.name, role, 0, lab.ids))
@@ -333,10 +327,10 @@ class Propagation(LayoutRules):
             self.set_out(node, lab)
             return
         if lab.axes != (1,):
-            raise _Unsupported(f"label spans axes {lab.axes}")
+            raise Unsupported(f"label spans axes {lab.axes}")
         groups = int(node.attrs.get("num_groups", 0))
         if groups <= 0 or len(lab.ids) % groups:
-            raise _Unsupported("unknown group count")
+            raise Unsupported("unknown group count")
         per_group = lab.ids.reshape(groups, -1)
         self.uf.tie(per_group, 1)
         self.sites.append(GroupCountSite(node.name, "num_groups", per_group))
@@ -349,7 +343,7 @@ class Propagation(LayoutRules):
 
     def layer_norm(self, node: Node) -> None:
         if len(self.data_inputs(node)) > 1:
-            raise _Unsupported("functional layer_norm with weights passed as tensors")
+            raise Unsupported("functional layer_norm with weights passed as tensors")
         x = node.inputs[0]
         lab, rank = self.label(x), len(self.shape(x))
         if node.attrs.get("channels_first"):
@@ -360,7 +354,7 @@ class Propagation(LayoutRules):
             axes = tuple(range(rank - k, rank))
         if lab is not None and set(lab.axes) & set(axes):
             if len(lab.axes) != 1 or len(axes) != 1:
-                raise _Unsupported("LayerNorm over several labelled axes")
+                raise Unsupported("LayerNorm over several labelled axes")
             for role in ("scale", "bias"):
                 if role in node.params:
                     self.sites.append(ParamSite(node.name, role, 0, lab.ids))
@@ -375,12 +369,10 @@ class Propagation(LayoutRules):
             return
         out = node.output
         if out not in self.shapes:
-            raise _Unsupported("output is not a tensor")
+            raise Unsupported("output is not a tensor")
         rank = len(self.shape(out))
         ops = [self.align(s, lab, rank, c) for s, lab, c in self.operands(node)]
         self.set_out(node, self.union(node, ops))
 
     def matmul(self, node: Node) -> None:
-        from graphslim.analyses.channel_matmul import matmul_rule
-
         matmul_rule(self, node)

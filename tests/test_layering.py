@@ -1,0 +1,102 @@
+"""Structure rules of shared/DESIGN.md checked on the source: modules import in one direction
+(no cycles, counting imports inside functions too), no private name imported across modules,
+and passes/ imports no backend."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("graphslim", "passes")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports() -> dict[str, list[tuple[str, list[str]]]]:
+    """module -> [(imported module, names imported from it)] for every import statement."""
+    found = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            mod, out = _module_name(path), []
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    out += [(a.name, []) for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    out.append((node.module, [a.name for a in node.names]))
+            found[mod] = out
+    return found
+
+
+def _edges(imports) -> dict[str, set[str]]:
+    mods = set(imports)
+    graph = {m: set() for m in mods}
+    for mod, items in imports.items():
+        for target, names in items:
+            # `from pkg import sub` imports the submodule pkg.sub where one exists
+            hits = {f"{target}.{n}" for n in names if f"{target}.{n}" in mods} or (
+                {target} if target in mods else set())
+            graph[mod] |= hits - {mod}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    graph = _edges(_imports())
+    # a package's __init__ importing its own submodules is its public face, not a cycle
+    for mod in graph:
+        graph[mod] = {t for t in graph[mod] if not mod.startswith(t + ".")}
+    assert _cycles(graph) == []
+
+
+def test_the_detector_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_private_names_imported_across_modules():
+    bad = [(mod, target, n) for mod, items in _imports().items() for target, names in items
+           for n in names if n.startswith("_") and n != "__future__" and
+           target.split(".")[0] in PACKAGES]
+    assert bad == []
+
+
+def test_passes_import_no_backend():
+    backends = ("torch", "onnx", "onnx_graphsurgeon", "onnxruntime")
+    bad = [(mod, target) for mod, items in _imports().items() if mod.startswith("passes")
+           for target, _ in items if target.split(".")[0] in backends]
+    assert bad == []
