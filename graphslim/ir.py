@@ -9,6 +9,29 @@ kind, so a pass never needs to know how a backend stores a weight:
 - LINEAR:          weight (out, in), bias (out,)      (nn.Linear, Gemm either transB, MatMul x @ W)
 - BATCHNORM:       scale, bias, mean, var (C,)        (a missing affine reads as ones / zeros)
 - anything else:   role "in<i>" for a constant in input slot i, "value" for an fx get_attr
+
+Typed attributes, filled by both frontends (passes and analyses read these, never `Node.op` or
+fx call arguments; `op` is the frontend's spelling, for messages only):
+
+- CONV / CONV_TRANSPOSE: groups, kernel_shape, strides, dilations, pads (begins then ends, with
+  ONNX auto_pad resolved; None where they depend on the input size), padding_mode
+- POOL_AVG / POOL_MAX: kernel_shape, strides, pads (as for conv), count_include_pad, adaptive
+- ACTIVATION / ELEMENTWISE: fn, one lower-case vocabulary ("relu", "relu6", "clip",
+  "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "sqrt", "cast", ...); a cast has
+  to_float (bool)
+- CONCAT / SPLIT / FLATTEN / GATHER / SOFTMAX: axis; SPLIT: chunks | split_size | sizes (fx;
+  ONNX splits have one output per piece)
+- SLICE: form "range" (bounds in params in1..in4: starts, ends, axes, steps) or "index"
+  (index: a Python-style index, slices as ("slice", start, stop, step), "$node" for a run-time
+  value)
+- GATHER: axis; indices in param in1 where constant
+- RESHAPE: form "target" (a literal target shape that pruning rewrites), "squeeze",
+  "unsqueeze" or "fixed" (sizes graphslim does not rewrite)
+- TRANSPOSE: perm (None: reversed) or swap (two axes exchanged)
+- REDUCE: axes (None: all; ONNX opset 18 puts them in param in1), keepdims
+- SHAPE: form "shape" (reads a size) or "other"
+- MATMUL: form "matmul" | "linear" (functional linear) | "einsum" (with equation)
+- nodes calling one fx module: module (its path; weights shared between such nodes)
 """
 
 from __future__ import annotations
@@ -54,6 +77,8 @@ class OpKind(enum.Enum):
     IDENTITY = "identity"
     CONSTANT = "constant"
     SHAPE = "shape"
+    GATHER = "gather"
+    EXPAND = "expand"
     OPAQUE = "opaque"
 
 
@@ -76,6 +101,10 @@ class Node:
     @property
     def output(self) -> str:
         return self.outputs[0]
+
+    def describe(self) -> str:
+        """'name (op)' for messages: the frontend's spelling shown, never compared."""
+        return f"{self.name} ({self.op})"
 
 
 def conv_geometry(node: Node) -> tuple[tuple, tuple, tuple]:

@@ -105,7 +105,8 @@ def _constants(view: GraphView, node: Node) -> dict[int, np.ndarray]:
     return found
 
 
-_SHAPE_MATH = (OpKind.SHAPE, OpKind.SLICE, OpKind.CONCAT, OpKind.RESHAPE, OpKind.ELEMENTWISE)
+_SHAPE_MATH = (OpKind.SHAPE, OpKind.GATHER, OpKind.SLICE, OpKind.CONCAT, OpKind.RESHAPE,
+               OpKind.ELEMENTWISE)
 
 
 def _only_user(view: GraphView, node: Node, shape_reads: list | None = None) -> Node | None:

@@ -116,7 +116,7 @@ class EqualizeLayers(Pass):
                 continue
             second, via = users[0], first.output
             if second.kind is OpKind.ACTIVATION:
-                fn = str(second.attrs.get("fn", "")).lower()
+                fn = second.attrs.get("fn")
                 if fn != "relu":
                     plan.skip(first.name, f"equalize: '{fn}' after it is not positively "
                               "homogeneous")

@@ -131,10 +131,10 @@ class _Folder:
     def _module_calls(self, node: Node, role: str) -> int:
         """How many call sites share this node's module (fx: one module called twice); a
         private copy cannot separate those. ONNX nodes have no module: 1."""
-        target = node.attrs.get("target")
-        if target is None:
+        module = node.attrs.get("module")
+        if module is None:
             return 1
-        return sum(self.view.node(u).attrs.get("target") == target
+        return sum(self.view.node(u).attrs.get("module") == module
                    for u in self.view.param_users(node.name, role))
 
     def _rank(self, value: str) -> int | None:
@@ -172,7 +172,7 @@ class _Folder:
                 return
             raise _NoFold(f"'{node.name}' is a max pool and some BN scales are <= 0")
         what = "a nonlinearity" if k is OpKind.ACTIVATION else "not a foldable layer"
-        raise _NoFold(f"follows '{node.name}' ({node.op}, {what})")
+        raise _NoFold(f"follows {node.describe()}, {what}")
 
     def _absorb_output(self, node: Node, s: np.ndarray, t: np.ndarray) -> None:
         if node.kind is OpKind.LINEAR and self._rank(node.output) != 2:
@@ -225,7 +225,7 @@ class _Folder:
                 raise _NoFold(f"'{user.name}' input is not (N, features)")
             self._absorb_input(user, s, t, groups=1)
         else:
-            raise _NoFold(f"user '{user.name}' ({user.op}) cannot absorb a BN on its input")
+            raise _NoFold(f"user {user.describe()} cannot absorb a BN on its input")
 
     def _through_flatten(self, bn: Node, flat: Node, s, t):
         src, dst = self.shapes.get(bn.output), self.shapes.get(flat.output)

@@ -66,9 +66,8 @@ def op_class(node: Node) -> str | None:
               OpKind.CONCAT: "concat"}
     if k in simple:
         return simple[k]
-    if k is OpKind.ACTIVATION and str(node.attrs.get("fn", "")).lower() in ("sigmoid",
-                                                                           "leakyrelu"):
-        return str(node.attrs["fn"]).lower()
+    if k is OpKind.ACTIVATION and node.attrs.get("fn") in ("sigmoid", "leakyrelu"):
+        return node.attrs["fn"]
     return None
 
 
@@ -76,7 +75,7 @@ def _silu_pairs(view: GraphView) -> dict[str, str]:
     """Mul name -> Sigmoid name for each x * sigmoid(x) whose sigmoid feeds only that Mul."""
     pairs = {}
     for s in view.nodes():
-        if s.kind is not OpKind.ACTIVATION or str(s.attrs.get("fn", "")).lower() != "sigmoid" \
+        if s.kind is not OpKind.ACTIVATION or s.attrs.get("fn") != "sigmoid" \
                 or view.is_graph_output(s.output) or not s.inputs:
             continue
         users = view.users(s.output)
@@ -87,7 +86,7 @@ def _silu_pairs(view: GraphView) -> dict[str, str]:
 
 
 def _absorbable(node: Node) -> bool:
-    return node.kind is OpKind.ACTIVATION and str(node.attrs.get("fn", "")).lower() in _ABSORBED
+    return node.kind is OpKind.ACTIVATION and node.attrs.get("fn") in _ABSORBED
 
 
 @register_pass

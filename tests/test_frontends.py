@@ -35,7 +35,7 @@ def test_fx_untraceable_submodule_becomes_opaque_leaf():
     x = torch.randn(1, 3, 8, 8)
     model = graphslim.trace(module, x)
     assert "opaque leaves: odd" in model.traced_with
-    odd = next(n for n in model.view().nodes() if n.attrs.get("target") == "odd")
+    odd = next(n for n in model.view().nodes() if n.attrs.get("module") == "odd")
     assert odd.kind.value == "opaque" and "DataDependent" in odd.attrs["reason"]
     result = graphslim.optimize(model, "fold-bn")
     assert count_ops(result.model, "BatchNorm") == 0

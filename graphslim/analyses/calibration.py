@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "percentile", "mse", "entropy")
 BINS = 8192  # over [-R, R]; a multiple of 4
 #: op kinds whose outputs are never float activations worth a range (shape arithmetic)
-_NOT_ACTIVATIONS = frozenset({OpKind.SHAPE, OpKind.CONSTANT})
+_NOT_ACTIVATIONS = frozenset({OpKind.SHAPE, OpKind.GATHER, OpKind.CONSTANT})
 
 
 @dataclass

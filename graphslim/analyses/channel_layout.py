@@ -17,11 +17,7 @@ from graphslim.analyses.channel_types import (
     UnionFind,
     Unsupported,
 )
-from graphslim.ir import GraphView, Node
-
-_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "view", "reshape", "flatten",
-             "squeeze", "unsqueeze"}
-_SHAPE_OPS = {"Shape", "size", "getattr", "dim", "numel"}
+from graphslim.ir import GraphView, Node, OpKind
 
 
 @dataclass
@@ -57,7 +53,7 @@ class LayoutRules:
     def split(self, node: Node) -> None:
         x = node.inputs[0]
         lab, rank = self.label(x), len(self.shape(x))
-        axis = int(node.attrs.get("axis", node.attrs.get("dim", 0))) % rank
+        axis = int(node.attrs.get("axis", 0)) % rank
         sizes = self.split_sizes(node, rank, axis)
         if lab is None or axis not in lab.axes:
             labels = [lab] * len(sizes)
@@ -76,22 +72,21 @@ class LayoutRules:
         if len(node.outputs) > 1:
             return [self.shape(v)[axis] for v in node.outputs]
         total = self.shape(node.inputs[0])[axis]
-        fx_args = node.attrs.get("args", ())
-        arg = fx_args[0] if fx_args else None
-        if node.attrs.get("fn") == "chunk" and isinstance(arg, int):
-            each = -(-total // arg)
+        a = node.attrs
+        if "chunks" in a:
+            each = -(-total // a["chunks"])
             return [min(each, total - i) for i in range(0, total, each)]
-        if isinstance(arg, int):
-            return [min(arg, total - i) for i in range(0, total, arg)]
-        if isinstance(arg, (list, tuple)) and all(isinstance(s, int) for s in arg):
-            return list(arg)
+        if "split_size" in a:
+            return [min(a["split_size"], total - i) for i in range(0, total, a["split_size"])]
+        if "sizes" in a:
+            return list(a["sizes"])
         raise Unsupported("split sizes unknown")
 
     def slice(self, node: Node) -> None:
         src = node.inputs[0] if node.inputs else None
         lab = self.labels.get(src)
         if isinstance(lab, Pieces):
-            index = node.attrs.get("args", (None,))[0]
+            index = node.attrs.get("index")
             if not isinstance(index, int):
                 raise Unsupported("non-constant index into a split")
             self.set_out(node, lab.labels[index])
@@ -100,16 +95,16 @@ class LayoutRules:
             self.set_out(node, None)
             return
         in_shape, out_shape = self.shape(src), self.shape(node.output)
-        if node.op == "Slice" and len(lab.axes) == 1 and self.range_slice(node, lab, in_shape):
+        if _is_range(node) and len(lab.axes) == 1 and self.range_slice(node, lab, in_shape):
             return
         picked = self.scalar_index(node, lab, in_shape)
         if picked is not None:
             self.set_out(node, picked)
             return
-        if "args" in node.attrs:
-            mapping = _getitem_axes(node.attrs["args"][0], in_shape)
+        if node.attrs.get("form") == "index":
+            mapping = _getitem_axes(node.attrs["index"], in_shape)
         else:
-            mapping = self.onnx_slice_axes(node, in_shape)
+            mapping = self.slice_axes(node, in_shape)
         if mapping is None or any(mapping.get(a) is None for a in lab.axes):
             raise Unsupported("slices or indexes a pruned axis")
         axes = tuple(mapping[a] for a in lab.axes)
@@ -120,14 +115,14 @@ class LayoutRules:
     def scalar_index(self, node: Node, lab: Label, in_shape: tuple) -> Label | None:
         """x[i] on a labelled axis (q = qkv[0] after a packed in-projection): the axis must keep
         its size, so units are tied along it, and the label drops that axis."""
-        if node.op == "Gather" and "in1" in node.params:
+        if node.kind is OpKind.GATHER and "in1" in node.params:
             idx = self.view.param(node.name, "in1")
             axis = int(node.attrs.get("axis", 0)) % len(in_shape)
             if idx.ndim != 0:
                 return None
             index = int(idx)
-        elif node.op == "getitem" and isinstance(node.attrs.get("args", (None,))[0], int):
-            axis, index = 0, node.attrs["args"][0]
+        elif node.attrs.get("form") == "index" and isinstance(node.attrs.get("index"), int):
+            axis, index = 0, node.attrs["index"]
         else:
             return None
         if axis not in lab.axes or len(lab.axes) < 2:
@@ -138,7 +133,7 @@ class LayoutRules:
         return Label(axes, lab.ids.take(index % in_shape[axis], axis=pos))
 
     def expand(self, node: Node) -> None:
-        """Expand / expand: a broadcast of its data operand; a constant stays a sliceable
+        """EXPAND: a broadcast of its data operand; a constant stays a sliceable
         constant (ViT's class token, expanded to the batch, then concatenated)."""
         ops = self.operands(node)
         shape, lab, const = ops[0]
@@ -160,7 +155,7 @@ class LayoutRules:
         Tying pieces position by position to keep them even collapsed ShuffleNet's streams
         into one unit (the shuffles chain the ties), so they are not tied."""
         axis = lab.axes[0]
-        siblings = [u for u in self.view.users(node.inputs[0]) if u.op == "Slice"]
+        siblings = [u for u in self.view.users(node.inputs[0]) if _is_range(u)]
         found = {u.name: _slice_ranges(self.view, self.shapes, u, axis, in_shape)
                  for u in siblings}
         _fill_gap(found, siblings, self.shapes, axis, in_shape[axis])
@@ -171,10 +166,11 @@ class LayoutRules:
         self.set_out(node, Label((axis,), lab.ids[start:stop]))
         return True
 
-    def onnx_slice_axes(self, node: Node, in_shape: tuple) -> dict | None:
-        """Axis map of an ONNX Slice: identity, with partially sliced axes mapped to None."""
+    def slice_axes(self, node: Node, in_shape: tuple) -> dict | None:
+        """Axis map of a range slice or a gather: identity, with partially sliced axes mapped
+        to None."""
         rank = len(in_shape)
-        if node.op == "Gather":
+        if node.kind is OpKind.GATHER:
             if "in1" not in node.params:
                 return None
             idx = self.view.param(node.name, "in1")
@@ -182,7 +178,7 @@ class LayoutRules:
             shift = idx.ndim - 1
             return {a: (None if a == axis else a if a < axis else a + shift)
                     for a in range(rank)}
-        if node.op != "Slice" or not all(f"in{i}" in node.params for i in (1, 2)):
+        if not _is_range(node) or not all(f"in{i}" in node.params for i in (1, 2)):
             return None
         starts, ends = (self.view.param(node.name, f"in{i}") for i in (1, 2))
         axes = self.view.param(node.name, "in3") if "in3" in node.params else \
@@ -214,7 +210,7 @@ class LayoutRules:
         if lab is None:
             self.set_out(node, None)
             return
-        if node.op not in _RESHAPES:
+        if node.attrs.get("form") == "fixed":
             raise Unsupported("reshape with literal sizes graphslim does not rewrite")
         in_shape, out_shape = self.shape(x), self.shape(node.output)
         if lab.ids.size == 1:  # a single channel: nothing to prune, and no axis to follow
@@ -223,7 +219,7 @@ class LayoutRules:
             return
         out_axes, ids = _reshape_label(lab, in_shape, out_shape)
         out = _squeeze_constant(Label(out_axes, ids), self.uf)
-        if node.op in ("Reshape", "view", "reshape"):
+        if node.attrs.get("form") == "target":
             self.sites.append(ShapeSite(node.name, out.axes, out.ids))
         if sum(1 for n in out.ids.shape if n > 1) > 1:
             self.rectangles.append(out.ids)
@@ -258,24 +254,18 @@ class LayoutRules:
     def softmax(self, node: Node) -> None:
         x = self.data_inputs(node)[0]
         lab, rank = self.label(x), len(self.shape(x))
-        args, kw = node.attrs.get("args", ()), node.attrs.get("kwargs", {})
-        axis = node.attrs.get("axis", node.attrs.get("dim", kw.get("dim",
-                                                                    args[0] if args else -1)))
+        axis = node.attrs.get("axis", -1)
         if lab is not None and (axis is None or int(axis) % rank in lab.axes):
             raise Unsupported("softmax over pruned channels")
         self.set_out(node, lab)
 
     def shape_op(self, node: Node) -> None:
-        if node.op in _SHAPE_OPS:
-            if node.op == "Shape":
-                self.shape_feeds_float(node)
+        if node.attrs.get("form") == "shape":
+            self.shape_feeds_float(node)
             for v in node.outputs:
                 self.labels[v] = None
             return
-        if node.op == "Gather":
-            self.slice(node)
-            return
-        self.block_inputs(node, f"{node.name}: {node.op} on pruned channels")
+        self.block_inputs(node, f"{node.describe()} on pruned channels")
 
     def shape_feeds_float(self, node: Node) -> None:
         """A pruned size read by Shape that flows into float math (sdpa's exported scale
@@ -287,9 +277,9 @@ class LayoutRules:
         rank = len(self.shape(node.inputs[0]))
         picked: set[int] = set()
         for u in self.view.users(node.output):
-            if u.op == "Gather" and "in1" in u.params:
+            if u.kind is OpKind.GATHER and "in1" in u.params:
                 picked |= {int(i) % rank for i in np.ravel(self.view.param(u.name, "in1"))}
-            elif u.op == "Slice" and "in1" in u.params and "in2" in u.params:
+            elif _is_range(u) and "in1" in u.params and "in2" in u.params:
                 lo, hi = (int(np.ravel(self.view.param(u.name, r))[0]) for r in ("in1", "in2"))
                 picked |= set(range(rank)[slice(lo, hi)])
             else:
@@ -353,9 +343,9 @@ def _reaches_float(view: GraphView, value: str, depth: int = 8) -> bool:
         nxt = []
         for v in frontier:
             for u in view.users(v):
-                if u.op == "Sqrt" or (u.op == "Cast" and u.attrs.get("to") in (1, 10, 11, 16)):
+                if u.attrs.get("fn") == "sqrt" or u.attrs.get("to_float"):
                     return True
-                if u.op != "Reshape":
+                if u.attrs.get("form") != "target":  # a reshape target reads sizes as sizes
                     nxt.extend(u.outputs)
         frontier = nxt
     return False
@@ -364,7 +354,7 @@ def _reaches_float(view: GraphView, value: str, depth: int = 8) -> bool:
 def _fill_gap(found: dict, siblings: list, shapes: dict, axis: int, n: int) -> None:
     """A slice with both bounds computed at run time is the one gap its siblings leave
     (the second half of an exported chunk), when its size says so."""
-    unknown = [u for u in siblings if found[u.name] is None and u.op == "Slice"]
+    unknown = [u for u in siblings if found[u.name] is None and _is_range(u)]
     if len(unknown) != 1:
         return
     covered = sorted(r[:2] for r in found.values() if r is not None)
@@ -381,33 +371,29 @@ def _fill_gap(found: dict, siblings: list, shapes: dict, axis: int, n: int) -> N
         found[unknown[0].name] = (*gaps[0], True)
 
 
+def _is_range(node: Node) -> bool:
+    return node.kind is OpKind.SLICE and node.attrs.get("form") == "range"
+
+
 def _perm(node: Node, rank: int) -> list[int]:
-    if "perm" in node.attrs:
-        return [int(p) % rank for p in node.attrs["perm"]]
-    args = node.attrs.get("args")
-    if args is None:
-        return list(reversed(range(rank)))
-    if node.op == "transpose":
-        a, b = (int(d) % rank for d in args[:2])
+    if "swap" in node.attrs:
+        a, b = (int(d) % rank for d in node.attrs["swap"])
         perm = list(range(rank))
         perm[a], perm[b] = perm[b], perm[a]
         return perm
-    dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    dims = node.attrs.get("perm")
+    if dims is None:
+        return list(reversed(range(rank)))
     if not all(isinstance(d, int) for d in dims):
         raise Unsupported("permutation not constant")
     return [int(d) % rank for d in dims]
 
 
 def _reduce_axes(p: LayoutRules, node: Node, rank: int) -> tuple[list[int], bool]:
-    if "args" in node.attrs:  # fx: mean(x, dims, keepdim)
-        args, kw = node.attrs["args"], node.attrs.get("kwargs", {})
-        dims = kw.get("dim", args[0] if args else None)
-        keep = bool(kw.get("keepdim", args[1] if len(args) > 1 else False))
-    else:
-        dims = node.attrs.get("axes")
-        if dims is None and "in1" in node.params:
-            dims = p.view.param(node.name, "in1").tolist()
-        keep = bool(node.attrs.get("keepdims", 1))
+    dims = node.attrs.get("axes")
+    if dims is None and "in1" in node.params:  # ONNX opset 18: axes as an input
+        dims = p.view.param(node.name, "in1").tolist()
+    keep = bool(node.attrs.get("keepdims", False))
     if dims is None:
         return list(range(rank)), keep
     dims = [dims] if isinstance(dims, int) else list(dims)

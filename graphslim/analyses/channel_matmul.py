@@ -41,7 +41,7 @@ def _virtual(shape: tuple, lab: Label | None, out_rank: int, left: bool) -> Oper
 
 
 def matmul_rule(p, node: Node) -> None:
-    if "equation" in node.attrs or node.attrs.get("fn") == "linear":
+    if node.attrs.get("form") in ("einsum", "linear") or "equation" in node.attrs:
         raise Unsupported("einsum / functional linear on pruned channels")
     operands = p.operands(node)
     if len(operands) != 2:

@@ -55,6 +55,7 @@ class Propagation(LayoutRules):
             OpKind.TRANSPOSE: self.transpose, OpKind.REDUCE: self.reduce,
             OpKind.SOFTMAX: self.softmax, OpKind.MATMUL: self.matmul,
             OpKind.SHAPE: self.shape_op, OpKind.CONSTANT: self.constant,
+            OpKind.GATHER: self.slice, OpKind.EXPAND: self.expand,
             OpKind.CONV_TRANSPOSE: self.conv_transpose, OpKind.ATTENTION: self.attention,
         }
         for kind in _ELEMENTWISE:
@@ -68,13 +69,13 @@ class Propagation(LayoutRules):
                 continue
             rule = rules.get(node.kind)
             if rule is None:
-                reason = node.attrs.get("reason", f"{node.kind.value} op {node.op}")
+                reason = node.attrs.get("reason", f"{node.kind.value} op {node.describe()}")
                 self.block_inputs(node, f"{node.name}: {reason}")
                 continue
             try:
                 rule(node)
             except Unsupported as exc:
-                self.block_inputs(node, f"{node.name} ({node.op}): {exc}")
+                self.block_inputs(node, f"{node.describe()}: {exc}")
         for v in self.view.outputs:
             lab = self.labels.get(v)
             if isinstance(lab, Label):
@@ -202,7 +203,7 @@ class Propagation(LayoutRules):
             for a in real:
                 self.uf.tie(J, joint.index(a))
             if len(joint) == 1:
-                self.block(J, f"{node.name} ({node.op}) combines the channels with a tensor of "
+                self.block(J, f"{node.describe()} combines the channels with a tensor of "
                               "fixed size")
         assert rank == len(ops[-1].shape)
         return Label(tuple(joint), J)
@@ -364,9 +365,6 @@ class Propagation(LayoutRules):
 
     # --- rules: elementwise, concat, split, slice -----------------------------------------------
     def elementwise(self, node: Node) -> None:
-        if node.op in ("Expand", "expand"):
-            self.expand(node)
-            return
         out = node.output
         if out not in self.shapes:
             raise Unsupported("output is not a tensor")

@@ -256,11 +256,11 @@ class FxGraph(Frontend):
             attrs = ops.module_attrs(mod, kind)
             if kind is OpKind.OPAQUE:
                 attrs["reason"] = f"module type {type(mod).__name__} is not modelled by graphslim"
-            attrs["target"] = n.target
+            attrs["module"] = n.target  # nodes calling one module share its weights
             return kind, attrs, params
         name = getattr(n.target, "__name__", str(n.target))
         kind = ops.FUNCTION_KINDS.get(name, OpKind.OPAQUE)
-        attrs = {"fn": name, **ops.function_attrs(n, kind)}
+        attrs = {"fn": name.lower(), **ops.function_attrs(n, kind, name)}
         if kind is OpKind.OPAQUE:
             attrs["reason"] = f"function {name} is not modelled by graphslim"
         return kind, attrs, {}

@@ -48,7 +48,7 @@ FUNCTION_KINDS = {
     "pad": OpKind.PAD,
     "interpolate": OpKind.RESIZE, "linear": OpKind.MATMUL, "einsum": OpKind.MATMUL,
     "stochastic_depth": OpKind.ELEMENTWISE, "unflatten": OpKind.RESHAPE,
-    "squeeze": OpKind.RESHAPE, "unsqueeze": OpKind.RESHAPE, "expand": OpKind.ELEMENTWISE,
+    "squeeze": OpKind.RESHAPE, "unsqueeze": OpKind.RESHAPE, "expand": OpKind.EXPAND,
 }
 ROLE_ATTRS = {
     OpKind.BATCHNORM: {"scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -71,23 +71,51 @@ def literal(a):
     return str(a)
 
 
-def function_attrs(n: fx.Node, kind: OpKind) -> dict:
-    """Literal arguments that matter to passes (concat axis, flatten start), plus every literal
-    argument after the first as `args` / `kwargs` (ChannelDeps reads permutations, indices)."""
-    base = {"args": literal(tuple(n.args[1:])),
-            "kwargs": {k: literal(v) for k, v in n.kwargs.items()}}
-    return {**base, **_known_attrs(n, kind)}
+def function_attrs(n: fx.Node, kind: OpKind, fn: str) -> dict:
+    """The typed attributes of a call_function node (graphslim.ir's vocabulary), read from its
+    literal arguments here so no pass or analysis reads fx call arguments."""
+    args = literal(tuple(n.args[1:]))
+    kw = {k: literal(v) for k, v in n.kwargs.items()}
 
+    def arg(i, name, default=None):
+        return kw.get(name, args[i] if len(args) > i else default)
 
-def _known_attrs(n: fx.Node, kind: OpKind) -> dict:
     if kind is OpKind.SPLIT:
-        return {"axis": n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)}
+        size = arg(0, "split_size_or_sections" if fn == "split" else "chunks")
+        attrs = {"axis": arg(1, "dim", 0)}
+        if fn == "chunk" and isinstance(size, int):
+            attrs["chunks"] = size
+        elif isinstance(size, int):
+            attrs["split_size"] = size
+        elif isinstance(size, (list, tuple)) and all(isinstance(x, int) for x in size):
+            attrs["sizes"] = tuple(size)
+        return attrs
     if kind is OpKind.CONCAT:
-        return {"axis": n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)}
+        return {"axis": arg(0, "dim", 0)}
     if kind is OpKind.FLATTEN:
-        return {"axis": n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)}
-    if kind is OpKind.MATMUL and isinstance(n.args[0], str):
-        return {"equation": n.args[0]}
+        return {"axis": arg(0, "start_dim", 0)}
+    if kind is OpKind.MATMUL:
+        if isinstance(n.args[0], str):
+            return {"form": "einsum", "equation": n.args[0]}
+        return {"form": "linear" if fn == "linear" else "matmul"}
+    if kind is OpKind.SLICE:  # x[index]
+        return {"form": "index", "index": args[0] if args else None}
+    if kind is OpKind.RESHAPE:
+        return {"form": {"view": "target", "reshape": "target", "squeeze": "squeeze",
+                         "unsqueeze": "unsqueeze"}.get(fn, "fixed")}
+    if kind is OpKind.TRANSPOSE:
+        if fn == "transpose":
+            return {"swap": tuple(args[:2])}
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        return {"perm": tuple(dims) if dims else None}
+    if kind is OpKind.REDUCE:
+        dims = arg(0, "dim")
+        return {"axes": dims if dims is None or isinstance(dims, int) else tuple(dims),
+                "keepdims": bool(arg(1, "keepdim", False))}
+    if kind is OpKind.SOFTMAX:
+        return {"axis": arg(0, "dim", -1)}
+    if kind is OpKind.SHAPE:
+        return {"form": "shape"}
     return {}
 
 
@@ -169,12 +197,14 @@ def module_attrs(mod: nn.Module, kind: OpKind) -> dict:
                 "packed": mod.in_proj_weight is not None and mod.bias_k is None
                 if isinstance(mod, nn.MultiheadAttention) else True}
     if kind is OpKind.ACTIVATION:
-        return {"fn": type(mod).__name__}
+        return {"fn": type(mod).__name__.lower()}
     if kind is OpKind.LAYERNORM:  # torchvision's LayerNorm2d normalizes NCHW over channels
         return {"normalized_ndim": len(mod.normalized_shape),
                 "channels_first": type(mod).__name__ == "LayerNorm2d"}
     if kind is OpKind.GROUPNORM:
         return {"num_groups": mod.num_groups}
     if kind is OpKind.SOFTMAX:
-        return {"dim": mod.dim}
+        return {"axis": -1 if mod.dim is None else mod.dim}
+    if kind is OpKind.FLATTEN:
+        return {"axis": mod.start_dim}
     return {}

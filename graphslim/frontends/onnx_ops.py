@@ -21,14 +21,22 @@ SIMPLE_KINDS = {
     "Resize": OpKind.RESIZE, "Upsample": OpKind.RESIZE, "Softmax": OpKind.SOFTMAX,
     "Identity": OpKind.IDENTITY, "Dropout": OpKind.IDENTITY,
     "ReduceMean": OpKind.REDUCE, "ReduceSum": OpKind.REDUCE, "ReduceMax": OpKind.REDUCE,
-    "Shape": OpKind.SHAPE, "Gather": OpKind.SHAPE, "ConstantOfShape": OpKind.SHAPE,
+    "Shape": OpKind.SHAPE, "Gather": OpKind.GATHER, "ConstantOfShape": OpKind.SHAPE,
+    "Expand": OpKind.EXPAND,
     "Constant": OpKind.CONSTANT, "Einsum": OpKind.MATMUL,
 }
 ACTIVATIONS = {"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
                 "Gelu", "Clip", "Softplus", "Mish", "PRelu", "Celu", "ThresholdedRelu", "Swish",
                "QuickGelu"}
 ELEMENTWISE = {"Erf", "Sqrt", "Pow", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Cast", "Floor",
-                "Ceil", "Round", "Sin", "Cos", "Where", "Max", "Min", "Equal", "Not", "Expand"}
+                "Ceil", "Round", "Sin", "Cos", "Where", "Max", "Min", "Equal", "Not"}
+#: ONNX op -> the IR's activation vocabulary where the names differ beyond case
+_FN = {"Swish": "silu"}
+#: the IR's `form` of ops whose kind has several (see graphslim.ir)
+_FORMS = {"Slice": "range", "Reshape": "target", "Squeeze": "squeeze", "Unsqueeze": "unsqueeze",
+          "Shape": "shape", "ConstantOfShape": "other"}
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16)
 ROLES = {
     "Conv": ("x", "weight", "bias"), "ConvTranspose": ("x", "weight", "bias"),
     "Gemm": ("x", "weight", "bias"), "MatMul": ("x", "weight"),
@@ -141,9 +149,18 @@ def classify(g: gs.Node, params: dict[str, str]) -> tuple[OpKind, dict]:
                  if isinstance(v, (int, float, str, list)) and k != "auto_pad"}
         if op in ("AveragePool", "MaxPool") and "kernel_shape" in a:
             attrs["pads"] = explicit_pads(a, tuple(a["kernel_shape"]))
+        if op in _FORMS:
+            attrs["form"] = _FORMS[op]
+        if op == "Transpose":
+            attrs.setdefault("perm", None)
+        if op.startswith("Reduce"):
+            attrs["keepdims"] = bool(a.get("keepdims", 1))
         return SIMPLE_KINDS[op], attrs
     if op in ACTIVATIONS:
-        return OpKind.ACTIVATION, {"fn": op}
+        return OpKind.ACTIVATION, {"fn": _FN.get(op, op.lower())}
     if op in ELEMENTWISE:
-        return OpKind.ELEMENTWISE, {"fn": op}
+        attrs = {"fn": op.lower()}
+        if op == "Cast":
+            attrs["to_float"] = int(a.get("to", 0)) in _FLOAT_TYPES
+        return OpKind.ELEMENTWISE, attrs
     return OpKind.OPAQUE, {"reason": f"op {op} is not modelled by graphslim"}
