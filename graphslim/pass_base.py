@@ -47,6 +47,8 @@ class Pass:
     #: the ONNX opset the edits need (QuantizeLinear with `axis`: 13); the model is converted
     #: up before planning where it is older
     min_opset: ClassVar[int | None] = None
+    #: nothing may run after this pass (qdq: its grids are fixed for the graph it saw)
+    final: ClassVar[bool] = False
 
     def plan(self, view: GraphView, analyses: AnalysisManager) -> Plan:
         raise NotImplementedError
@@ -127,3 +129,21 @@ def print_pass(p) -> str:
 
 def print_pipeline(passes) -> str:
     return ",".join(print_pass(p) for p in passes)
+
+
+def flatten(pipeline) -> list:
+    """The passes of a pipeline in running order, repeat groups expanded once."""
+    out = []
+    for p in pipeline:
+        out.extend(flatten(p.passes) if isinstance(p, Repeat) else [p])
+    return out
+
+
+def ordering_error(pipeline) -> str | None:
+    """Why the pipeline breaks a pass's declared ordering (Pass.final: fold-bn, equalize and
+    every other rewrite go before qdq), or None."""
+    names = [p.name for p in flatten(pipeline)]
+    for i, p in enumerate(flatten(pipeline)):
+        if p.final and i < len(names) - 1:
+            return f"'{p.name}' must be the last pass; '{names[i + 1]}' follows it"
+    return None

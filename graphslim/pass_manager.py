@@ -20,6 +20,7 @@ from graphslim.errors import (
     GraphslimError,
     InputError,
     PassError,
+    PipelineError,
     StructureError,
     VerificationError,
 )
@@ -29,6 +30,7 @@ from graphslim.pass_base import (  # noqa: F401  (Pass, Plan, ... re-exported fo
     Plan,
     Repeat,
     Skip,
+    ordering_error,
     register_pass,
     registered_passes,
 )
@@ -61,6 +63,9 @@ class PassManager:
                 not all(isinstance(p, (Pass, Repeat)) for p in pipeline):
             raise InputError(f"a pipeline is text such as 'fold-bn,qdq' or a list of passes, "
                              f"not {type(pipeline).__name__} {pipeline!r:.60}")
+        problem = ordering_error(pipeline)
+        if problem:
+            raise PipelineError(problem)
         if verify not in ("each", "end", "off"):
             raise InputError(f"verify must be 'each', 'end' or 'off', not {verify!r}")
         if max_error is not None and not (isinstance(max_error, (int, float)) and

@@ -95,6 +95,7 @@ class InsertQDQ(Pass):
     name = "qdq"
     lossless = False
     min_opset = 13  # per-channel DequantizeLinear (`axis`) came in opset 13
+    final = True  # its grids are calibrated for the graph it saw
     summary = "calibrated int8 quantize/dequantize insertion (ORT integer kernels)"
     method: str = "percentile"
     percentile: float = 0.9999

@@ -202,3 +202,13 @@ def test_tolerance_scales_atol_with_output_magnitude():
     assert not is_close(compare(ref, near_zero_err, graphslim.Tolerance(scale_atol=False)))
     small = {"y": np.array([1.0, 0.0], np.float32)}
     assert not is_close(compare(small, {"y": np.array([1.0, 3e-5], np.float32)}))
+
+
+@pytest.mark.parametrize("text", ["qdq,fold-bn", "fold-bn,qdq,equalize",
+                                  "repeat{max-iter=2}(qdq),prune-channels{ratio=0.5}"])
+def test_pass_ordering_is_checked(text):
+    """qdq declares itself final (its grids are calibrated for the graph it saw): a pass after
+    it is a PipelineError naming both, before any work."""
+    with pytest.raises(graphslim.PipelineError, match="'qdq' must be the last pass"):
+        graphslim.PassManager(text)
+    assert graphslim.PassManager("fold-bn,equalize,qdq").pipeline[-1].name == "qdq"

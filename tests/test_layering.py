@@ -100,3 +100,38 @@ def test_passes_import_no_backend():
     bad = [(mod, target) for mod, items in _imports().items() if mod.startswith("passes")
            for target, _ in items if target.split(".")[0] in backends]
     assert bad == []
+
+
+def _spelling_reads(path: pathlib.Path) -> list[str]:
+    """Places that compare a node's frontend spelling (`x.op == ...`, `x.op in ...`) or read fx
+    call arguments / module targets from attrs (`attrs["args"]`, `attrs.get("kwargs")`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Attribute) and s.attr == "op" for s in sides):
+                found.append(f"{path.name}:{node.lineno} compares .op")
+        key = None
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            key = node.slice.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr == "get" and node.args and isinstance(node.args[0], ast.Constant):
+            key = node.args[0].value
+        if key in ("args", "kwargs", "target"):
+            found.append(f"{path.name}:{node.lineno} reads attrs['{key}']")
+    return found
+
+
+def test_passes_and_analyses_read_meaning_not_spelling():
+    """shared/DESIGN.md rule 6: outside graphslim/frontends/ nothing compares Node.op or reads
+    fx call arguments; passes read OpKind and the typed attributes of graphslim.ir."""
+    files = [*(ROOT / "passes").rglob("*.py"), *(ROOT / "graphslim" / "analyses").rglob("*.py"),
+             *(p for p in (ROOT / "graphslim").glob("*.py"))]
+    bad = [hit for p in files for hit in _spelling_reads(p)]
+    assert bad == []
+
+
+def test_the_spelling_check_sees_op_compares(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("if node.op == 'Slice' or n.attrs.get('args'):\n    pass\n")
+    assert len(_spelling_reads(probe)) == 2

@@ -33,7 +33,7 @@ from graphslim.edits import (
 )
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends import onnx_edits as edit
-from graphslim.frontends import onnx_load
+from graphslim.frontends import onnx_load, onnx_shapes
 from graphslim.frontends import onnx_ops as ops
 from graphslim.frontends import onnx_quant as quant
 from graphslim.frontends.base import Frontend, TensorSpec, saving_to
@@ -199,7 +199,7 @@ class OnnxGraph(Frontend):
         by_name = {n.name: n for n in self.graph.nodes}
         touched: set[str] = set()
         kinds = {n.name: n for n in self.view().nodes()}
-        computed = self._computed_reshape_targets(edits, by_name)
+        computed = edit.computed_reshape_targets(self, edits, by_name)
         namer = quant.Namer(self.graph) if any(
             isinstance(e, (QuantizeValue, QuantizeParam)) for e in edits) else None
         for e in edits:
@@ -238,45 +238,6 @@ class OnnxGraph(Frontend):
             self._version += 1
             self._cache.clear()
         return len(touched)
-
-    def _computed_reshape_targets(self, edits, by_name) -> dict[str, tuple]:
-        """Reshape targets that are computed, not constants, read with one ORT run before any
-        edit: ("static", value) for a target built from constants only (Unsqueeze + Concat of
-        Python ints, as torch's exporter writes them without constant folding); ("concat",
-        [(piece, value, static)]) for a Concat mixing run-time sizes (from Shape) with
-        constants (unflatten's (3, E)). Static parts get rewritten; run-time parts follow the
-        pruned tensor by themselves."""
-        wanted: dict[str, list] = {}
-        for e in edits:
-            if not (isinstance(e, SetAttr) and e.name == "shape" and e.node in by_name):
-                continue
-            target = by_name[e.node].inputs[1]
-            if isinstance(target, gs.Constant):
-                continue
-            if _static(target, self.graph):
-                wanted[e.node] = [target]
-            elif target.inputs and target.inputs[0].op == "Concat":
-                wanted[e.node] = list(target.inputs[0].inputs)
-        names = sorted({t.name for ts in wanted.values() for t in ts
-                        if not isinstance(t, gs.Constant)})
-        if not wanted:
-            return {}
-        from graphslim.verify import make_inputs
-
-        got = self.capture(make_inputs(self.input_specs()), names) if names else {}
-
-        def value(t):
-            return np.asarray(t.values if isinstance(t, gs.Constant) else got[t.name])
-
-        out = {}
-        for node, ts in wanted.items():
-            if by_name[node].inputs[1] is ts[0] and len(ts) == 1:
-                out[node] = ("static", value(ts[0]))
-            else:
-                out[node] = ("concat", [(t, value(t).reshape(-1),
-                                         isinstance(t, gs.Constant) or _static(t, self.graph))
-                                        for t in ts])
-        return out
 
     def fresh(self, base: str) -> str:
         """A tensor / node name not yet used in the graph."""
@@ -382,38 +343,7 @@ class OnnxGraph(Frontend):
                                  f"{str(exc).strip().splitlines()[0][:400]}") from None
 
     def infer_shapes(self) -> dict[str, tuple]:
-        model = self._light_proto()
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        shapes: dict[str, tuple] = {}
-        for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-            tt = vi.type.tensor_type
-            if tt.HasField("shape"):
-                shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                        for d in tt.shape.dim)
-        for t in self.graph.tensors().values():
-            if isinstance(t, gs.Constant):
-                shapes[t.name] = tuple(t.shape)
-        unknown = [v for n in self.graph.nodes for v in (o.name for o in n.outputs)
-                   if v and not _concrete(shapes.get(v))]
-        if unknown:
-            shapes.update(self._measure_shapes(unknown))
-        return shapes
-
-    def _light_proto(self) -> onnx.ModelProto:
-        """The model with concrete input shapes and its big float weights turned into typed graph
-        inputs: shape inference needs their shapes, not their bytes (serializing the weights
-        dominated its cost). Small and integer constants stay: data propagation reads them."""
-        full = self.to_proto()
-        model = onnx.ModelProto()
-        if full.graph.ByteSize() < (1 << 20):
-            model.CopyFrom(full)
-        else:
-            _copy_without_graph(full, model)
-        for inp, spec in zip(model.graph.input, self.input_specs()):
-            del inp.type.tensor_type.shape.dim[:]
-            for d in spec.shape:
-                inp.type.tensor_type.shape.dim.add().dim_value = d
-        return model
+        return onnx_shapes.infer_shapes(self)
 
     def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:
         """One ORT run with the named values exposed as extra outputs (session cached per set
@@ -430,42 +360,6 @@ class OnnxGraph(Frontend):
             self._cache[key] = make_session(probe.SerializeToString(), opt_level="off")
         return dict(zip(values, self._cache[key].run(list(values), feeds)))
 
-    def _measure_shapes(self, names: list[str]) -> dict[str, tuple]:
-        """Shapes ONNX shape inference could not derive (data-dependent reshapes, custom ops),
-        read off one ORT run on the seeded inputs with those values exposed as outputs."""
-        from graphslim.verify import make_inputs
-
-        try:
-            got = self.capture(make_inputs(self.input_specs()), names)
-        except Exception as exc:  # shapes stay unknown; cost counts those nodes as 0
-            log.warning("could not measure %d unknown shapes with ORT: %s", len(names), exc)
-            return {}
-        log.info("%d shapes measured with ORT where shape inference had none", len(names))
-        return {v: tuple(int(d) for d in np.shape(a)) for v, a in got.items()}
-
-
-def _copy_without_graph(full: onnx.ModelProto, model: onnx.ModelProto) -> None:
-    """Copy `full` into `model`, big float initializers becoming graph inputs of the same type."""
-    graph = onnx.GraphProto()
-    graph.node.extend(full.graph.node)
-    graph.input.extend(full.graph.input)
-    graph.output.extend(full.graph.output)
-    for init in full.graph.initializer:
-        size = int(np.prod(init.dims)) if init.dims else 1
-        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                              onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16) and size > 64:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
-                                                                  list(init.dims)))
-        else:
-            graph.initializer.append(init)
-    for fld in ("ir_version", "producer_name", "domain", "model_version"):
-        setattr(model, fld, getattr(full, fld))
-    model.opset_import.extend(full.opset_import)
-    model.functions.extend(full.functions)
-    model.graph.CopyFrom(graph)
-    model.ir_version = max(model.ir_version, 4)
-
-
 def _outer_reads(node: gs.Node) -> list[str]:
     """Names of outer-scope variables read inside the node's subgraphs (nested ones too)."""
     found: list[str] = []
@@ -477,25 +371,3 @@ def _outer_reads(node: gs.Node) -> list[str]:
                 if name and name not in local and name not in found:
                     found.append(name)
     return found
-
-
-def _static(t: gs.Tensor, graph: gs.Graph) -> bool:
-    """True if `t` is computed from constants only (no graph input, no Shape op upstream)."""
-    inputs = {id(i) for i in graph.inputs}
-    stack, seen = [t], set()
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen or isinstance(cur, gs.Constant):
-            continue
-        seen.add(id(cur))
-        if id(cur) in inputs or not cur.inputs:
-            return False
-        producer = cur.inputs[0]
-        if producer.op in ("Shape", "Size"):
-            return False
-        stack.extend(producer.inputs)
-    return True
-
-
-def _concrete(shape) -> bool:
-    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)

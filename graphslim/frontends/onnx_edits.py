@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphslim.edits import Layer
+from graphslim.edits import Layer, SetAttr
 from graphslim.frontends import onnx_ops as ops
 from graphslim.ir import Node, OpKind
 
@@ -254,7 +254,7 @@ def set_attr(m, g: gs.Node, name: str, value, computed: np.ndarray | None = None
 
 def _set_reshape_sizes(m, g: gs.Node, sizes: dict, computed: tuple | None) -> None:
     """Rewrite a Reshape's target sizes on pruned axes; -1 and 0 entries adapt by themselves.
-    A computed target (see OnnxGraph._computed_reshape_targets) has its static parts rewritten,
+    A computed target (see computed_reshape_targets) has its static parts rewritten,
     and a one-element run-time part giving a channel axis pinned to its new size: it may be
     computed from another tensor's Shape (swin's C // heads from the unpruned input; swin v2's
     C from a pruned one). Channel axes are never the batch, so batch sizes stay dynamic."""
@@ -293,3 +293,61 @@ def _set_concat_sizes(m, concat: gs.Node, pieces: list, sizes: dict) -> None:
         pieces[i] = (tensor, values, static)
         concat.inputs[i] = gs.Constant(m.fresh(f"{concat.name}.size{i}"),
                                        values.astype(np.int64))
+
+
+def computed_reshape_targets(m, edits, by_name) -> dict[str, tuple]:
+    """Reshape targets that are computed, not constants, read with one ORT run before any
+    edit: ("static", value) for a target built from constants only (Unsqueeze + Concat of
+    Python ints, as torch's exporter writes them without constant folding); ("concat",
+    [(piece, value, static)]) for a Concat mixing run-time sizes (from Shape) with
+    constants (unflatten's (3, E)). Static parts get rewritten; run-time parts follow the
+    pruned tensor by themselves."""
+    wanted: dict[str, list] = {}
+    for e in edits:
+        if not (isinstance(e, SetAttr) and e.name == "shape" and e.node in by_name):
+            continue
+        target = by_name[e.node].inputs[1]
+        if isinstance(target, gs.Constant):
+            continue
+        if _static(target, m.graph):
+            wanted[e.node] = [target]
+        elif target.inputs and target.inputs[0].op == "Concat":
+            wanted[e.node] = list(target.inputs[0].inputs)
+    names = sorted({t.name for ts in wanted.values() for t in ts
+                    if not isinstance(t, gs.Constant)})
+    if not wanted:
+        return {}
+    from graphslim.verify import make_inputs
+
+    got = m.capture(make_inputs(m.input_specs()), names) if names else {}
+
+    def value(t):
+        return np.asarray(t.values if isinstance(t, gs.Constant) else got[t.name])
+
+    out = {}
+    for node, ts in wanted.items():
+        if by_name[node].inputs[1] is ts[0] and len(ts) == 1:
+            out[node] = ("static", value(ts[0]))
+        else:
+            out[node] = ("concat", [(t, value(t).reshape(-1),
+                                     isinstance(t, gs.Constant) or _static(t, m.graph))
+                                    for t in ts])
+    return out
+
+
+def _static(t: gs.Tensor, graph: gs.Graph) -> bool:
+    """True if `t` is computed from constants only (no graph input, no Shape op upstream)."""
+    inputs = {id(i) for i in graph.inputs}
+    stack, seen = [t], set()
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen or isinstance(cur, gs.Constant):
+            continue
+        seen.add(id(cur))
+        if id(cur) in inputs or not cur.inputs:
+            return False
+        producer = cur.inputs[0]
+        if producer.op in ("Shape", "Size"):
+            return False
+        stack.extend(producer.inputs)
+    return True
