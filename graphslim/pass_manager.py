@@ -103,7 +103,7 @@ class PassManager:
         state = _State(work, am, feeds, _run_original(work, feeds, inputs is not None)
                        if self.verify != "off" else None)
         report = Report(self.text, work.name, _snapshot(work, am),
-                        notes=list(getattr(work, "load_notes", [])))
+                        notes=list(work.load_notes))
         t0 = time.perf_counter()
         for p in self.pipeline:
             self._run_item(p, state, report, dry_run)

@@ -138,7 +138,13 @@ class InsertQDQ(Pass):
                               "those of real data")
         if self.max_error:
             from passes.qdq_sensitivity import keep_float
-            kept = keep_float(self, view, analyses, chosen, calib, plan)
+
+            def edits_for(subset) -> list:  # the plan quantizing only `subset`, for a trial
+                trial = Plan()
+                self._emit(view, subset, self._grids(view, subset, calib, trial), trial)
+                return trial.edits
+
+            kept = keep_float(edits_for, analyses, chosen, self.max_error, plan)
             chosen = [n for n in chosen if n.name not in kept]
         grids = self._grids(view, chosen, calib, plan)
         for mul, sig in silus.items():

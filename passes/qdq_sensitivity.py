@@ -7,8 +7,8 @@
    smallest k found by doubling then bisection (each step one trial of the whole model), so a
    model of N layers costs N + O(log N) trials.
 
-Trials run on copies (`AnalysisManager.model.copy()`): the plan stays a plan, the model under
-optimization is only changed by the pass manager applying it.
+Trials run on copies through the engine (`AnalysisManager.trial_outputs`): the plan stays a
+plan, the model under optimization is only changed by the pass manager applying it.
 """
 
 from __future__ import annotations
@@ -28,25 +28,23 @@ _LAYERS = frozenset({OpKind.CONV, OpKind.LINEAR, OpKind.MATMUL})
 _TRIAL_SAMPLES = 16
 
 
-def keep_float(qdq, view, analyses, chosen, calib, plan: Plan) -> set[str]:
+def keep_float(edits_for, analyses, chosen, max_error: float, plan: Plan) -> set[str]:
+    """Names of the layers to keep float; `edits_for(subset)` is qdq's plan quantizing only
+    those nodes, run as a trial by the engine (AnalysisManager.trial_outputs)."""
     feeds = _feeds(analyses)
-    model = analyses.model
-    refs = [model.run(f) for f in feeds]
+    refs = [analyses.model.run(f) for f in feeds]
+    ref = {str(i): v for i, r in enumerate(refs) for v in r.values()}
 
     def error(subset) -> float:
-        trial_plan = Plan()
-        qdq._emit(view, subset, qdq._grids(view, subset, calib, trial_plan), trial_plan)
-        trial = model.copy()
-        trial.apply(trial_plan.edits)
-        ref = {str(i): v for i, r in enumerate(refs) for v in r.values()}
-        got = {str(i): v for i, f in enumerate(feeds) for v in trial.run(f).values()}
+        outs = analyses.trial_outputs(edits_for(subset), feeds)
+        got = {str(i): v for i, o in enumerate(outs) for v in o.values()}
         return compare(ref, got).rel_l2
 
     total = error(chosen)
     layers = [n for n in chosen if n.kind in _LAYERS]
-    if total <= qdq.max_error or not layers:
+    if total <= max_error or not layers:
         plan.notes.append(f"sensitivity: all layers quantized, error {total:.4g} within "
-                          f"max-error {qdq.max_error}")
+                          f"max-error {max_error}")
         return set()
     alone = {n.name: error([m for m in chosen if m.kind not in _LAYERS or m is n])
              for n in layers}
@@ -57,14 +55,14 @@ def keep_float(qdq, view, analyses, chosen, calib, plan: Plan) -> set[str]:
         return error([n for n in chosen if n.name not in drop])
 
     k, err = 1, without(1)
-    while err > qdq.max_error and k < len(ranked):
+    while err > max_error and k < len(ranked):
         k = min(2 * k, len(ranked))
         err = without(k)
     lo = k // 2 + 1 if k > 1 else 1
     while lo < k:  # smallest k' in [lo, k] within budget (error falls with k, nearly always)
         mid = (lo + k) // 2
         e = without(mid)
-        if e <= qdq.max_error:
+        if e <= max_error:
             k, err = mid, e
         else:
             lo = mid + 1
@@ -73,8 +71,8 @@ def keep_float(qdq, view, analyses, chosen, calib, plan: Plan) -> set[str]:
         plan.skip(n.name, f"kept float by sensitivity: error {alone[n.name]:.4g} when quantized "
                   "alone")
     plan.notes.append(f"sensitivity: {len(kept)} of {len(layers)} layers kept float, error "
-                      f"{err:.4g} (all quantized: {total:.4g}, max-error {qdq.max_error})")
-    if err > qdq.max_error:
+                      f"{err:.4g} (all quantized: {total:.4g}, max-error {max_error})")
+    if err > max_error:
         plan.notes.append("sensitivity: the budget is not met even with every layer float "
                           "(the error comes from other quantized ops)")
     return {n.name for n in kept}

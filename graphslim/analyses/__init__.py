@@ -38,6 +38,13 @@ class AnalysisManager:
             self.computed[kind.name] += 1
         return self._cache[kind]
 
+    def trial_outputs(self, edits: list, feeds: list[dict]) -> list[dict]:
+        """The outputs of a copy of the model with `edits` applied, for each feed: a pass
+        weighing options (qdq's sensitivity mode) tries them here, never on the model itself."""
+        trial = self.model.copy()
+        trial.apply(edits)
+        return [trial.run(f) for f in feeds]
+
     def invalidate(self, preserved: tuple[type[Analysis], ...] = ()) -> None:
         self._cache = {k: v for k, v in self._cache.items() if k in preserved}
 

@@ -93,7 +93,7 @@ class TaylorSaliency(Analysis):
         specs = am.model.input_specs()
         source, synthetic = data_or_synthetic(am, "taylor saliency")
         labels = None if synthetic else source.get(data_mod.LABELS)
-        if hasattr(am.model, "weight_gradient_products"):
+        if am.model.has_gradients:
             feeds = list(data_mod.batches(source, specs, size=64))  # torch takes any batch
             values, loss = am.model.weight_gradient_products(feeds, labels)
             return Saliency("taylor", values, synthetic, loss)

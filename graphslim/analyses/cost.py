@@ -144,7 +144,7 @@ class Cost(Analysis):
     @classmethod
     def compute(cls, am: AnalysisManager) -> CostReport:
         shapes = am.get(Shapes)
-        measured = getattr(am.model, "opaque_macs", dict)()
+        measured = am.model.opaque_macs()
         return compute_cost(am.view, shapes, measured)
 
 

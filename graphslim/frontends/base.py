@@ -46,6 +46,20 @@ class Frontend(abc.ABC):
     """A model being optimized. `view()` is read-only; `apply()` is the only way to change it."""
 
     name: str = "?"
+    #: what loading repaired or normalized (ONNX), shown in the report's notes
+    load_notes: tuple[str, ...] | list[str] = ()
+    #: capability: weight_gradient_products works (torch autograd; taylor saliency uses it)
+    has_gradients: bool = False
+
+    def opaque_macs(self) -> dict[str, int]:
+        """MACs of nodes the op tables do not model, measured where the frontend can (fx:
+        torch's flop counter); the cost analysis adds them."""
+        return {}
+
+    def weight_gradient_products(self, feeds: list[dict], labels=None) -> tuple[dict, str]:
+        """w * dL/dw per parameter over the feeds, and the loss used (only where
+        has_gradients)."""
+        raise NotImplementedError(f"the {self.name} frontend has no gradients")
 
     @abc.abstractmethod
     def view(self) -> GraphView: ...

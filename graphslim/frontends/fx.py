@@ -183,6 +183,7 @@ class FxView(GraphView):
 
 class FxGraph(Frontend):
     name = "fx"
+    has_gradients = True
 
     def __init__(self, module: nn.Module, example_inputs: tuple, leaves: set[str] = frozenset()):
         self.module = module

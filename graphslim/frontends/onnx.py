@@ -10,10 +10,12 @@ are used only for analysis and verification.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -200,38 +202,14 @@ class OnnxGraph(Frontend):
         touched: set[str] = set()
         kinds = {n.name: n for n in self.view().nodes()}
         computed = edit.computed_reshape_targets(self, edits, by_name)
-        namer = quant.Namer(self.graph) if any(
-            isinstance(e, (QuantizeValue, QuantizeParam)) for e in edits) else None
+        ctx = _ApplyContext(self, by_name, kinds, computed)
         for e in edits:
-            if isinstance(e, FuseActivation):
-                quant.fuse_activation(self.graph, namer or quant.Namer(self.graph), by_name,
-                                      e.fn, e.nodes)
-                touched.add(e.node)
-                continue
-            if isinstance(e, QuantizeValue):
-                quant.quantize_value(self.graph, namer, e.value, e.scale, e.zero_point, e.dtype,
-                                     e.users)
-                touched.add(e.node)
-                continue
-            if e.node not in by_name:
-                raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
-            if isinstance(e, ReplaceSubgraph):
-                edit.replace_subgraph(self, [by_name[n] for n in e.nodes], e.source, e.layers)
-            elif isinstance(e, SetParam):
-                edit.set_param(self, by_name[e.node], kinds[e.node], e.role, e.value)
-            elif isinstance(e, Bypass):
-                edit.bypass(self, by_name[e.node])
-            elif isinstance(e, ReplaceWithChain):
-                edit.replace_with_chain(self, by_name[e.node], kinds[e.node], e.layers)
-            elif isinstance(e, SliceParam):
-                edit.slice_param(self, by_name[e.node], kinds[e.node], e.role, e.axis, e.keep)
-            elif isinstance(e, SetAttr):
-                edit.set_attr(self, by_name[e.node], e.name, e.value, computed.get(e.node))
-            elif isinstance(e, QuantizeParam):
-                quant.quantize_param(self.graph, namer, by_name[e.node], kinds[e.node], e.role,
-                                     e.values, e.scale, e.zero_point, e.axis)
-            else:
+            handler = _HANDLERS.get(type(e))
+            if handler is None:
                 raise TypeError(f"the ONNX frontend cannot apply {type(e).__name__}")
+            if type(e) not in _GRAPH_EDITS and e.node not in by_name:
+                raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
+            handler(ctx, e)
             touched.add(e.node)
         if edits:
             self.graph.cleanup().toposort()
@@ -359,6 +337,52 @@ class OnnxGraph(Frontend):
                                       if v not in known)
             self._cache[key] = make_session(probe.SerializeToString(), opt_level="off")
         return dict(zip(values, self._cache[key].run(list(values), feeds)))
+
+@dataclass
+class _ApplyContext:
+    """What the edit handlers of one apply() share: the graph, its nodes by name, the view's
+    nodes (kinds, layouts) as before the edits, computed reshape targets, one namer."""
+
+    m: OnnxGraph
+    by_name: dict
+    kinds: dict
+    computed: dict
+
+    @functools.cached_property
+    def namer(self) -> quant.Namer:  # built on first use: it scans every name in the graph
+        return quant.Namer(self.m.graph)
+
+
+def _slice_param(c: _ApplyContext, e: SliceParam) -> None:
+    edit.slice_param(c.m, c.by_name[e.node], c.kinds[e.node], e.role, e.axis, e.keep)
+
+
+def _quantize_param(c: _ApplyContext, e: QuantizeParam) -> None:
+    quant.quantize_param(c.m.graph, c.namer, c.by_name[e.node], c.kinds[e.node], e.role,
+                         e.values, e.scale, e.zero_point, e.axis)
+
+
+#: edit type -> how the ONNX frontend applies it (the edit vocabulary, implemented once)
+_HANDLERS = {
+    FuseActivation: lambda c, e: quant.fuse_activation(c.m.graph, c.namer, c.by_name, e.fn,
+                                                       e.nodes),
+    QuantizeValue: lambda c, e: quant.quantize_value(c.m.graph, c.namer, e.value, e.scale,
+                                                     e.zero_point, e.dtype, e.users),
+    ReplaceSubgraph: lambda c, e: edit.replace_subgraph(c.m, [c.by_name[n] for n in e.nodes],
+                                                        e.source, e.layers),
+    SetParam: lambda c, e: edit.set_param(c.m, c.by_name[e.node], c.kinds[e.node], e.role,
+                                          e.value),
+    Bypass: lambda c, e: edit.bypass(c.m, c.by_name[e.node]),
+    ReplaceWithChain: lambda c, e: edit.replace_with_chain(c.m, c.by_name[e.node],
+                                                           c.kinds[e.node], e.layers),
+    SliceParam: _slice_param,
+    SetAttr: lambda c, e: edit.set_attr(c.m, c.by_name[e.node], e.name, e.value,
+                                        c.computed.get(e.node)),
+    QuantizeParam: _quantize_param,
+}
+#: edits addressed by values or node chains rather than by one existing node
+_GRAPH_EDITS = frozenset({FuseActivation, QuantizeValue})
+
 
 def _outer_reads(node: gs.Node) -> list[str]:
     """Names of outer-scope variables read inside the node's subgraphs (nested ones too)."""
