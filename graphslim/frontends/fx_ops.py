@@ -204,7 +204,7 @@ def module_attrs(mod: nn.Module, kind: OpKind) -> dict:
     if kind is OpKind.GROUPNORM:
         return {"num_groups": mod.num_groups}
     if kind is OpKind.SOFTMAX:
-        return {"axis": -1 if mod.dim is None else mod.dim}
+        return {"axis": mod.dim}  # None: torch's legacy implicit dim (rules treat it as unknown)
     if kind is OpKind.FLATTEN:
         return {"axis": mod.start_dim}
     return {}
