@@ -78,6 +78,8 @@ class OpKind(enum.Enum):
     CONSTANT = "constant"
     SHAPE = "shape"
     GATHER = "gather"
+    QUANTIZE = "quantize"
+    DEQUANTIZE = "dequantize"
     EXPAND = "expand"
     OPAQUE = "opaque"
 

@@ -101,9 +101,13 @@ def _attention_macs(node: Node, in_shapes: list) -> int:
 
 
 def _is_param(view: GraphView, node: Node, role: str) -> bool:
+    """A weight: floating tensors of more than one element, and the integer weights a
+    DequantizeLinear reads (after qdq); BN statistics and quantization grids are not."""
     if node.kind is OpKind.BATCHNORM and role in _NOT_PARAMS:
         return False
     shape, dtype = view.param_info(node.name, role)
+    if node.kind in (OpKind.QUANTIZE, OpKind.DEQUANTIZE):
+        return role == "x" and _prod(shape) > 1
     return dtype.kind == "f" and _prod(shape) > 1
 
 
@@ -144,7 +148,7 @@ class Cost(Analysis):
     @classmethod
     def compute(cls, am: AnalysisManager) -> CostReport:
         shapes = am.get(Shapes)
-        measured = am.model.opaque_macs()
+        measured = am.model.opaque_macs(shapes)
         return compute_cost(am.view, shapes, measured)
 
 

@@ -51,9 +51,10 @@ class Frontend(abc.ABC):
     #: capability: weight_gradient_products works (torch autograd; taylor saliency uses it)
     has_gradients: bool = False
 
-    def opaque_macs(self) -> dict[str, int]:
-        """MACs of nodes the op tables do not model, measured where the frontend can (fx:
-        torch's flop counter); the cost analysis adds them."""
+    def opaque_macs(self, shapes: dict[str, tuple] | None = None) -> dict[str, int]:
+        """MACs of nodes the op tables do not model, counted where the frontend can (fx:
+        torch's flop counter; ONNX: layers whose weight comes through a DequantizeLinear);
+        the cost analysis adds them."""
         return {}
 
     def weight_gradient_products(self, feeds: list[dict], labels=None) -> tuple[dict, str]:

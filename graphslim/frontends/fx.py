@@ -248,7 +248,9 @@ class FxGraph(Frontend):
                 kind, roles, leaf_params = OpKind.IDENTITY, {}, []
             leaf_params += fx_quant.parametrized_tensors(mod)
             for attr, t in leaf_params:
-                if t is None or not t.is_floating_point():
+                # a parametrized weight's stored original is the same weight: the view holds
+                # the effective one (parametrized_tensors), once
+                if t is None or not t.is_floating_point() or attr.startswith("parametrizations."):
                     continue
                 role = attr if roles is None else next((r for r, a in roles.items() if a == attr),
                                                        None)
@@ -436,7 +438,7 @@ class FxGraph(Frontend):
                 shapes[n.name] = tuple(int(d) for d in meta.shape)
         return shapes
 
-    def opaque_macs(self) -> dict[str, int]:
+    def opaque_macs(self, shapes: dict[str, tuple] | None = None) -> dict[str, int]:
         """MACs of nodes graphslim does not model (e.g. swin's fx-wrapped window attention),
         counted by torch's FlopCounterMode while shapes propagate."""
         if "opaque_macs" not in self._cache:

@@ -323,6 +323,13 @@ class OnnxGraph(Frontend):
     def infer_shapes(self) -> dict[str, tuple]:
         return onnx_shapes.infer_shapes(self)
 
+    def opaque_macs(self, shapes: dict[str, tuple] | None = None) -> dict[str, int]:
+        """Conv / Gemm / MatMul whose weight is DequantizeLinear(int8 constant) (after qdq)
+        are not LINEAR / CONV in the view (their weight is not a float parameter), but do the
+        same multiply-adds: counted here from the quantized weight's shape."""
+        shapes = shapes if shapes is not None else self.infer_shapes()
+        return onnx_shapes.dequantized_layer_macs(self.graph, shapes)
+
     def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:
         """One ORT run with the named values exposed as extra outputs (session cached per set
         of names until the graph changes)."""

@@ -22,7 +22,8 @@ SIMPLE_KINDS = {
     "Identity": OpKind.IDENTITY, "Dropout": OpKind.IDENTITY,
     "ReduceMean": OpKind.REDUCE, "ReduceSum": OpKind.REDUCE, "ReduceMax": OpKind.REDUCE,
     "Shape": OpKind.SHAPE, "Gather": OpKind.GATHER, "ConstantOfShape": OpKind.SHAPE,
-    "Expand": OpKind.EXPAND,
+    "Expand": OpKind.EXPAND, "QuantizeLinear": OpKind.QUANTIZE,
+    "DequantizeLinear": OpKind.DEQUANTIZE,
     "Constant": OpKind.CONSTANT, "Einsum": OpKind.MATMUL,
 }
 ACTIVATIONS = {"Relu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
@@ -43,6 +44,8 @@ ROLES = {
     "BatchNormalization": ("x", "scale", "bias", "mean", "var"),
     "LayerNormalization": ("x", "scale", "bias"), "InstanceNormalization": ("x", "scale", "bias"),
     "GroupNormalization": ("x", "scale", "bias"),
+    "QuantizeLinear": ("x", "scale", "zero_point"),
+    "DequantizeLinear": ("x", "scale", "zero_point"),
 }
 
 

@@ -88,3 +88,28 @@ def _copy_without_graph(full: onnx.ModelProto, model: onnx.ModelProto) -> None:
 
 def _concrete(shape) -> bool:
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
+
+
+def dequantized_layer_macs(graph: gs.Graph, shapes: dict[str, tuple]) -> dict[str, int]:
+    """node name -> MACs of each Conv / ConvTranspose / Gemm / MatMul whose weight input is a
+    DequantizeLinear of a constant (the QDQ form ORT fuses into integer kernels)."""
+    macs = {}
+    for n in graph.nodes:
+        if n.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(n.inputs) < 2:
+            continue
+        w = n.inputs[1]
+        dq = w.inputs[0] if isinstance(w, gs.Variable) and w.inputs else None
+        if dq is None or dq.op != "DequantizeLinear" or not isinstance(dq.inputs[0], gs.Constant):
+            continue
+        wshape = tuple(dq.inputs[0].shape)
+        x, out = shapes.get(n.inputs[0].name), shapes.get(n.outputs[0].name)
+        if n.op == "ConvTranspose":
+            ref, inner = x, int(np.prod(wshape[1:]))
+        elif n.op == "Conv":
+            ref, inner = out, int(np.prod(wshape[1:]))
+        else:  # MatMul x @ W (K, N); Gemm with transB: W (N, K)
+            ref, inner = out, wshape[1] if n.op == "Gemm" and n.attrs.get("transB", 0) \
+                else wshape[0]
+        if _concrete(ref):
+            macs[n.name] = int(np.prod(ref)) * int(inner)
+    return macs
