@@ -32,7 +32,7 @@ demo: $(CORE)
 
 test: $(DEV)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 
 test-all: $(DEV)
 	$(BIN)/python -m pytest -q

@@ -103,6 +103,7 @@ def _minilm(tmp_path):
     return graphslim.load(path, input_shapes=shapes), evaluation, calibration
 
 
+@pytest.mark.slow  # a 5-point measurement sweep (75 s); make test-all
 def test_minilm_svd_fidelity_against_rank(tmp_path):
     """Full-rank SVD of all 36 linear layers reproduces the embeddings; fidelity rises with the
     kept energy; energy 0.9 cuts linear MACs. Measured here (printed): energy 0.9 halves linear

@@ -196,6 +196,7 @@ def test_mnist_accuracy_after_pruning_half_the_macs(criterion):
     assert acc2 >= acc0 - 0.01
 
 
+@pytest.mark.slow  # 63 s of fine-tuning; make test-all
 def test_iterative_schedule_with_fine_tuning():
     """Three rounds of prune (taylor) + a short fine-tune reach half the MACs; the callback sees
     the pruned model each round."""
