@@ -32,7 +32,8 @@ demo: $(CORE)
 
 test: $(DEV)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
+	OMP_NUM_THREADS=1 GRAPHSLIM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 \
+		--dist loadfile --durations=15
 
 test-all: $(DEV)
 	$(BIN)/python -m pytest -q

@@ -7,6 +7,7 @@ alike and the ratio holds.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +31,11 @@ def available_providers() -> list[str]:
 
 
 def make_session(model: str | bytes, provider: str = "cpu", opt_level: str = "all",
-                 threads: int = 0, optimized_model_path: str | None = None,
+                 threads: int | None = None, optimized_model_path: str | None = None,
                  ) -> ort.InferenceSession:
-    """An InferenceSession on `provider` ('cpu' or 'cuda'); threads=0 lets ORT use every core.
+    """An InferenceSession on `provider` ('cpu' or 'cuda'); threads=0 lets ORT use every core,
+    None takes $GRAPHSLIM_THREADS, else 0 (`make test` sets 1: its two pytest workers would
+    otherwise each start a thread per core and slow every test 2-5x on 2 cores).
 
     `optimized_model_path` saves ORT's optimized graph (what actually runs) for inspection.
     """
@@ -45,6 +48,8 @@ def make_session(model: str | bytes, provider: str = "cpu", opt_level: str = "al
                            f"onnxruntime build (available: {available_providers()})")
     so = ort.SessionOptions()
     so.graph_optimization_level = _LEVELS[opt_level]
+    if threads is None:
+        threads = int(os.environ.get("GRAPHSLIM_THREADS", "0") or 0)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
