@@ -48,18 +48,18 @@ bench-factorize: $(DEV)
 	$(BIN)/python benchmarks/factorize_bench.py
 
 bench-robustness: $(DEV)
-	$(BIN)/python -m benchmarks.robustness
+	$(BIN)/python -m graphslim.benchmarks.robustness
 
 bench-conv: $(DEV)
-	$(BIN)/python -m benchmarks.conv_substitute_bench
+	$(BIN)/python -m graphslim.benchmarks.conv_substitute_bench
 
 # prune-channels: speedup efficiency, ChannelDeps vs Torch-Pruning (optional extra), and the
 # torchvision zoo (about an hour; run alone: timings are interleaved but share the machine)
 bench-prune: $(DEV)
 	$(BIN)/python -m pip install -q torch-pruning || echo "torch-pruning unavailable: its column is skipped"
-	$(BIN)/python -m benchmarks.prune_bench speed --frontends onnx
-	$(BIN)/python -m benchmarks.prune_bench deps
-	$(BIN)/python -m benchmarks.prune_bench zoo
+	$(BIN)/python -m graphslim.benchmarks.prune_bench speed --frontends onnx
+	$(BIN)/python -m graphslim.benchmarks.prune_bench deps
+	$(BIN)/python -m graphslim.benchmarks.prune_bench zoo
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

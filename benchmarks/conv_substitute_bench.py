@@ -1,7 +1,7 @@
 """conv-substitute / conv-group / conv-separable: ORT CPU latency of each rewritten site alone and
 of the whole model, before and after, in one run (interleaved medians), one row per rewrite.
 
-    python -m benchmarks.conv_substitute_bench [--threads 1] [--repeats 10]
+    python -m graphslim.benchmarks.conv_substitute_bench [--threads 1] [--repeats 10]
         [--out benchmarks/results/conv_substitute.md] [--only TEXT]
 
 Cases: resnext50_32x4d with its grouped convs expanded to dense (as some converters emit), also
@@ -25,8 +25,7 @@ import torch
 import torchvision
 
 import graphslim
-import passes  # noqa: F401
-from benchmarks.models import expand_groups, shuffle_bottlenecks
+from graphslim.benchmarks.models import expand_groups, shuffle_bottlenecks
 from graphslim.edits import Layer
 from graphslim.ir import OpKind, conv_geometry
 from graphslim.report import format_rows, markdown_rows
@@ -155,9 +154,9 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as fh:
-            fh.write("# Convolution substitution\n\nCommand: `python -m "
-                     f"benchmarks.conv_substitute_bench --threads {args.threads} --repeats "
-                     f"{args.repeats}`; ONNX Runtime CPU, opt level ALL, batch 1, 224x224, "
+            fh.write("# Convolution substitution\n\nCommand: `python -m graphslim.benchmarks."
+                     f"conv_substitute_bench --threads {args.threads} --repeats {args.repeats}`; "
+                     "ONNX Runtime CPU, opt level ALL, batch 1, 224x224, "
                      "interleaved medians. `sites`: rewritten / considered (rewritten + "
                      "skipped with a reason). Site: the costliest rewritten layer alone, between "
                      "two identity depthwise convs (graphslim.sites, context=True).\n\n"

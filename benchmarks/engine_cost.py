@@ -18,7 +18,6 @@ import torch
 import torchvision
 
 import graphslim
-import passes  # noqa: F401
 
 
 def main(argv=None) -> int:

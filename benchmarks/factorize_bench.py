@@ -22,11 +22,10 @@ import torch
 import torchvision
 
 import graphslim
-import passes  # noqa: F401
+from graphslim.passes.lowrank_math import Tucker2Basis
 from graphslim.report import format_rows, markdown_rows
 from graphslim.runtime import compare, make_session, session_runner
 from graphslim.verify import make_inputs
-from passes.lowrank_math import Tucker2Basis
 
 TUCKER = "factorize{{method=tucker2,rank={r},layers=conv}}"
 FC = "factorize{{method=svd,rank={r},layers=linear,exclude=*classifier?6*}}"

@@ -23,7 +23,6 @@ import torch
 import torchvision
 
 import graphslim
-import passes  # noqa: F401
 from graphslim.report import format_rows, markdown_rows
 
 _INPUT = {"inception_v3": 299}

@@ -7,7 +7,7 @@ import importlib.util
 import os
 import time
 
-from benchmarks.harness_models import BenchModel
+from graphslim.benchmarks.harness_models import BenchModel
 
 
 class Skip(Exception):

@@ -1,8 +1,10 @@
 """prune-channels benchmark: prunability across torchvision, speedup efficiency, engine speed.
 
-    python -m benchmarks.prune_bench zoo [--models a,b] [--out FILE]    all classifiers, fx+ONNX
-    python -m benchmarks.prune_bench speed [--models a,b] [--out FILE]  speedup efficiency
-    python -m benchmarks.prune_bench deps [--out FILE]                  ChannelDeps vs Torch-Pruning
+    python -m graphslim.benchmarks.prune_bench zoo [--models a,b] [--out FILE]
+    python -m graphslim.benchmarks.prune_bench speed [--models a,b] [--out FILE]
+    python -m graphslim.benchmarks.prune_bench deps [--out FILE]
+
+(all classifiers on fx + ONNX; speedup efficiency; ChannelDeps against Torch-Pruning.)
 
 zoo: each torchvision classifier (weights=None) on fx and on its ONNX export (BN kept), pruned
 with prune-channels{ratio=0.5}: groups, blocked groups with reasons, MACs before/after, ORT CPU
@@ -25,7 +27,6 @@ import torch
 import torchvision
 
 import graphslim
-import passes  # noqa: F401
 from graphslim.analyses.channels import build_channel_deps
 from graphslim.runtime import compare, make_session, session_runner
 from graphslim.verify import make_inputs

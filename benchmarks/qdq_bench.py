@@ -1,8 +1,8 @@
 """qdq measurements beyond the harness table (benchmarks/run.py has speed and fidelity against
 ORT's quantizer): calibration memory, and the fold-bn,prune-channels,qdq composition.
 
-    python -m benchmarks.qdq_bench memory   [--samples 256]  -> benchmarks/results/qdq_memory.md
-    python -m benchmarks.qdq_bench compose                   -> benchmarks/results/qdq_compose.md
+    python -m graphslim.benchmarks.qdq_bench memory [--samples 256]  (-> results/qdq_memory.md)
+    python -m graphslim.benchmarks.qdq_bench compose                 (-> results/qdq_compose.md)
 
 memory: peak resident memory added while calibrating resnet50 on N samples (sampled every 5 ms
 from /proc/self/statm), against the bytes of one forward pass' activations (every float value
@@ -128,7 +128,8 @@ def main(argv=None) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"qdq_{args.what}.md")
     with open(path, "w") as f:
-        f.write(f"# qdq {args.what}\n\n`python -m benchmarks.qdq_bench {args.what}`\n\n{text}")
+        f.write(f"# qdq {args.what}\n\n`python -m graphslim.benchmarks.qdq_bench {args.what}`"
+                f"\n\n{text}")
     print(text)
 
 

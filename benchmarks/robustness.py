@@ -9,7 +9,7 @@ A cell is one of:
 - FAILED: a traceback or internal error (exit 3), an output that fails the checker or ORT, NaN,
   a changed input file, or a refusal without a reason. The goal is zero of these.
 
-    python -m benchmarks.robustness [--quick] [--mutants N] [--out benchmarks/results/robustness.md]
+    python -m graphslim.benchmarks.robustness [--quick] [--mutants N] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.assets import asset_path
+from graphslim.benchmarks.assets import asset_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +82,7 @@ def torchvision_files(workdir: str, names: tuple[str, ...]) -> list[Case]:
 
 
 def mutant_files(workdir: str, per_kind: int) -> list[Case]:
-    from benchmarks.mutants import KINDS, mutate
+    from graphslim.benchmarks.mutants import KINDS, mutate
 
     raw = open(os.path.join(ROOT, "graphslim", "data", "demo_cnn.onnx"), "rb").read()
     cases = []
@@ -100,7 +100,7 @@ def run_cell(case: Case, pipeline: str, workdir: str) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from tools import slim_opt
+    from graphslim.tools import slim_opt
 
     out = os.path.join(workdir, "out.onnx")
     if os.path.exists(out):
@@ -217,8 +217,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import onnxruntime
 
-    import passes  # noqa: F401
-
     onnxruntime.set_default_logger_severity(4)  # ORT's own log of files it refuses is noise here
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="graphslim_robust_") as work:
@@ -229,7 +227,7 @@ def main(argv=None) -> int:
         rows = matrix(cases, pipelines, work)
         rows += matrix(mutant_files(work, 2 if args.quick else args.mutants), ("fold-bn",),
                        work)
-    command = "python -m benchmarks.robustness" + (" --quick" if args.quick else "")
+    command = "python -m graphslim.benchmarks.robustness" + (" --quick" if args.quick else "")
     md = to_markdown(rows, command, time.perf_counter() - t0)
     with open(args.out, "w") as f:
         f.write(md)

@@ -1,8 +1,8 @@
 """The benchmark harness: models x variants (graphslim pipelines, peer tools) x runtimes.
 
-    python -m benchmarks.run                 # the default matrix -> benchmarks/RESULTS.md
-    python -m benchmarks.run --quick         # the small matrix (under 2 minutes)
-    python -m benchmarks.run --models resnet18 --pipelines 'prune-channels{ratio=0.5}' \\
+    python -m graphslim.benchmarks.run                 # the default matrix -> benchmarks/RESULTS.md
+    python -m graphslim.benchmarks.run --quick         # the small matrix (under 2 minutes)
+    python -m graphslim.benchmarks.run --models resnet18 --pipelines 'prune-channels{ratio=0.5}' \\
         --runtimes ort-cpu-1 --out /tmp/bench
 
 Matrix from benchmarks/matrix.toml ([default] / [quick]); command-line lists override it. Per
@@ -28,19 +28,24 @@ import time
 import numpy as np
 import tomllib
 
-from benchmarks import harness_output as output
-from benchmarks.harness_models import BenchModel, prepare
-from benchmarks.harness_peers import Skip, run_peer
+from graphslim.benchmarks import harness_output as output
+from graphslim.benchmarks.harness_models import BenchModel, prepare
+from graphslim.benchmarks.harness_peers import Skip, run_peer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CELL_SECONDS = 3.0  # timing budget per cell: at least 5 interleaved pairs, at most `repeats`
-ROOT = os.path.dirname(HERE)
 
 
 def code_hash() -> str:
+    """The cache key of a cell's code: every source file of the engine, the passes and the
+    harness, wherever they are installed (a checkout or a wheel)."""
+    import graphslim
+    import graphslim.passes
+
     h = hashlib.sha1()
-    for top in ("graphslim", "passes", "benchmarks"):
-        for dirpath, _, files in sorted(os.walk(os.path.join(ROOT, top))):
+    folders = sorted({*graphslim.__path__, *graphslim.passes.__path__, HERE})
+    for top in folders:
+        for dirpath, _, files in sorted(os.walk(top)):
             for f in sorted(files):
                 if f.endswith(".py"):
                     with open(os.path.join(dirpath, f), "rb") as fh:
@@ -78,7 +83,6 @@ def make_variant(bm: BenchModel, variant: str, kind: str, workdir: str) -> dict:
         seconds, module = run_peer(variant, bm, out)
         return {"path": out, "seconds": seconds, "module": module}
     import graphslim
-    import passes  # noqa: F401  (registers the passes)
 
     pipeline = graphslim.parse_pipeline(variant)
     model = graphslim.load(bm.onnx_path, input_shapes={bm.input_name: bm.input_shape})
@@ -296,7 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--peers", help="comma-separated, overrides the config ('' for none)")
     p.add_argument("--runtimes", help="comma-separated, overrides the config")
     p.add_argument("--repeats", type=int)
-    p.add_argument("--out", default=os.path.join(HERE, "out"),
+    p.add_argument("--out", default=os.path.join("out", "benchmarks"),
                    help="results folder (tables, CSV/JSON, plots, cache)")
     p.add_argument("--results-md", help="also write the markdown here (benchmarks/RESULTS.md)")
     p.add_argument("--no-cache", action="store_true", help="measure every cell again")
@@ -304,7 +308,7 @@ def main(argv=None) -> int:
     matrix = load_matrix(args)
     t = time.perf_counter()
     rows = run(matrix, args.out, use_cache=not args.no_cache)
-    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "slim-benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
     md = output.write_all(rows, args.out, command, machine, time.perf_counter() - t)
     if args.results_md:  # the committed copy: markdown plus its plots beside it

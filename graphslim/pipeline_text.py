@@ -140,8 +140,9 @@ def _build(item: tuple, registry: dict, parser: _Parser):
             msg = str(exc) if raw.lstrip("-").isdigit() else f"max-iter expects int, got '{raw}'"
             raise parser.error(msg, kpos) from None
     if name not in registry:
-        raise parser.error(f"unknown pass '{name}'; known passes: "
-                           f"{', '.join(sorted(registry))}", at)
+        known = ", ".join(sorted(registry)) or (
+            "none (no `graphslim.passes` entry points: install the checkout, `pip install -e .`)")
+        raise parser.error(f"unknown pass '{name}'; known passes: {known}", at)
     cls = registry[name]
     hints = typing.get_type_hints(cls)
     fields = {option_name(f.name): f.name for f in dataclasses.fields(cls)}

@@ -29,9 +29,9 @@ from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.edits import Layer, ReplaceWithChain
 from graphslim.ir import GraphView, OpKind, conv_geometry
 from graphslim.pass_manager import Plan, register_pass
-from passes import channel_order as co
-from passes import conv_math as cm
-from passes import site_choice as sc
+from graphslim.passes import channel_order as co
+from graphslim.passes import conv_math as cm
+from graphslim.passes import site_choice as sc
 
 
 @register_pass

@@ -48,9 +48,9 @@ from graphslim.analyses.cost import chain_macs
 from graphslim.edits import Bypass, Edit, Layer, ReplaceSubgraph, ReplaceWithChain
 from graphslim.ir import GraphView, Node, OpKind, conv_geometry
 from graphslim.pass_manager import Plan, register_pass
-from passes import channel_order as co
-from passes import conv_math as cm
-from passes import site_choice as sc
+from graphslim.passes import channel_order as co
+from graphslim.passes import conv_math as cm
+from graphslim.passes import site_choice as sc
 
 REWRITES = ("grouped", "merge", "to-matmul", "to-conv")
 DEFAULT_REWRITES = ("grouped", "merge")

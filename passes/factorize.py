@@ -40,8 +40,8 @@ from graphslim.analyses.cost import Cost, chain_macs
 from graphslim.edits import Layer, ReplaceWithChain
 from graphslim.ir import GraphView, Node, OpKind, conv_geometry
 from graphslim.pass_manager import Pass, Plan, register_pass
+from graphslim.passes import lowrank_math as lr
 from graphslim.sites import measure_chain
-from passes import lowrank_math as lr
 
 METHODS = ("auto", "svd", "tucker2", "cp", "spatial-svd")
 _BUDGET_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)

@@ -33,7 +33,7 @@ from graphslim.analyses import Shapes
 from graphslim.edits import Bypass, SetParam
 from graphslim.ir import WEIGHTED, GraphView, Node, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
-from passes.bn_math import bn_affine, fold_into_input, fold_into_output
+from graphslim.passes.bn_math import bn_affine, fold_into_input, fold_into_output
 
 _CIRCULAR_PADS = ("reflect", "replicate", "circular")
 

@@ -48,7 +48,7 @@ from graphslim.analyses.cost import Cost
 from graphslim.edits import Edit, SetAttr, SliceParam
 from graphslim.ir import WEIGHTED, GraphView
 from graphslim.pass_manager import Pass, Plan, register_pass
-from passes import prune_math as pm
+from graphslim.passes import prune_math as pm
 
 CRITERIA = ("l1", "l2", "bn-scale", "taylor", "random")
 
@@ -202,7 +202,7 @@ class PruneChannels(Pass):
                     scores[u] = s
             return scores
         if self.criterion == "taylor":
-            from passes.prune_taylor import taylor_scores
+            from graphslim.passes.prune_taylor import taylor_scores
 
             return taylor_scores(view, deps, analyses, plan)
         p = 2 if self.criterion == "l2" else 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 from graphslim.analyses.activations import TaylorSaliency
 from graphslim.analyses.channels import ChannelDeps, ParamSite
 from graphslim.ir import GraphView, OpKind
-from passes import prune_math as pm
+from graphslim.passes import prune_math as pm
 
 
 def taylor_scores(view: GraphView, deps: ChannelDeps, analyses, plan) -> dict[int, float]:

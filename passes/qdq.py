@@ -37,7 +37,7 @@ from graphslim.analyses.calibration import METHODS, calibrate_range, calibration
 from graphslim.edits import FuseActivation, QuantizeParam, QuantizeValue
 from graphslim.ir import GraphView, Node, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
-from passes import qdq_math as qm
+from graphslim.passes import qdq_math as qm
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class InsertQDQ(Pass):
             plan.notes.append("calibrated on synthetic inputs (no data given): ranges are not "
                               "those of real data")
         if self.max_error:
-            from passes.qdq_sensitivity import keep_float
+            from graphslim.passes.qdq_sensitivity import keep_float
 
             def edits_for(subset) -> list:  # the plan quantizing only `subset`, for a trial
                 trial = Plan()

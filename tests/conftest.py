@@ -8,7 +8,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import graphslim  # noqa: E402
-import passes  # noqa: E402,F401  (registers the passes)
 
 FP32 = graphslim.Tolerance(rtol=1e-4, atol=1e-5)
 
@@ -80,7 +79,7 @@ def frontend(request):
 def package_file(package: str, relpath: str) -> str:
     """A data file inside an installed package (benchmarks.assets.asset_path); the test is
     skipped when the asset package is not installed."""
-    from benchmarks.assets import asset_path
+    from graphslim.benchmarks.assets import asset_path
 
     path = asset_path(package, relpath)
     if path is None:

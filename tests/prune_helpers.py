@@ -13,8 +13,8 @@ import numpy as np
 from graphslim.analyses.channels import ChannelDeps, ParamSite, build_channel_deps
 from graphslim.edits import SetParam
 from graphslim.ir import WEIGHTED, OpKind
+from graphslim.passes.prune_channels import pruning_edits
 from graphslim.verify import make_inputs
-from passes.prune_channels import pruning_edits
 
 
 def choose_units(deps: ChannelDeps, fraction: float, seed: int = 0, exact_only: bool = True

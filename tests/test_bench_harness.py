@@ -7,7 +7,7 @@ import json
 import math
 import time
 
-from benchmarks import run
+from graphslim.benchmarks import run
 
 
 def test_quick_matrix(tmp_path):

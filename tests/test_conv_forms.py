@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 import graphslim
-from benchmarks.models import expand_groups, reorder_channels, shuffle_bottlenecks
-from passes import conv_math as cm
+from graphslim.benchmarks.models import expand_groups, reorder_channels, shuffle_bottlenecks
+from graphslim.passes import conv_math as cm
 from tests.conftest import FP32, assert_matches_torch, count_ops, make_model
 from tests.test_conv_substitute import _block_diag
 

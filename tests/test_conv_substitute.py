@@ -10,8 +10,8 @@ import torchvision
 from torch import nn
 
 import graphslim
-from benchmarks.models import expand_groups
-from passes import conv_math as cm
+from graphslim.benchmarks.models import expand_groups
+from graphslim.passes import conv_math as cm
 from tests.conftest import FP32, assert_matches_torch, make_model
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import pathlib
 import subprocess
@@ -19,8 +18,8 @@ from graphslim.analyses import Shapes
 from graphslim.analyses.cost import Cost
 from graphslim.edits import SetParam
 from graphslim.pass_manager import Pass, Plan, Repeat
+from graphslim.passes.fold_bn import FoldBatchNorm
 from graphslim.report import PrintIRAfter
-from passes.fold_bn import FoldBatchNorm
 from tests.conftest import make_model, randomize_bn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -165,31 +164,10 @@ def test_pass_error_names_pass_and_previous(frontend, tmp_path):
         graphslim.optimize(model, [FoldBatchNorm(), _Bad()])
 
 
-# --- layering -------------------------------------------------------------------------------------
-
-def _imports(folder: str) -> set[str]:
-    names = set()
-    for path in (ROOT / folder).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
-    return names
-
-
-def test_passes_never_import_a_backend():
-    bad = {n for n in _imports("passes")
-           if n.split(".")[0] in ("onnx", "onnx_graphsurgeon", "torch", "onnxruntime")}
-    assert not bad
-
-
-def test_engine_never_imports_passes_or_tools():
-    assert not {n for n in _imports("graphslim") if n.split(".")[0] in ("passes", "tools")}
-
+# --- torch stays optional ------------------------------------------------------------------
 
 def test_onnx_only_use_does_not_import_torch(tmp_path):
-    code = ("import sys, graphslim, passes; from graphslim.analyses.cost import Cost; "
+    code = ("import sys, graphslim, graphslim.passes; from graphslim.analyses.cost import Cost; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import graphslim
-from passes import lowrank_math as lr
+from graphslim.passes import lowrank_math as lr
 from tests import mnist_cnn
 from tests.conftest import FP32, assert_matches_torch, count_ops, make_model
 

@@ -21,8 +21,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import graphslim  # noqa: E402
-from benchmarks.mutants import KINDS, mutate  # noqa: E402
-from tools import slim_opt  # noqa: E402
+from graphslim.benchmarks.mutants import KINDS, mutate  # noqa: E402
+from graphslim.tools import slim_opt  # noqa: E402
 
 DEMO = pathlib.Path(graphslim.__file__).parent / "data" / "demo_cnn.onnx"
 

@@ -8,14 +8,16 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("graphslim", "passes")
+# source folder -> the package it installs as (pyproject.toml's package-dir: one namespace)
+PACKAGES = {"graphslim": "graphslim", "passes": "graphslim.passes", "tools": "graphslim.tools",
+            "benchmarks": "graphslim.benchmarks"}
 
 
 def _module_name(path: pathlib.Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts)
+    return ".".join([PACKAGES[parts[0]], *parts[1:]])
 
 
 def _imports() -> dict[str, list[tuple[str, list[str]]]]:
@@ -84,6 +86,23 @@ def test_no_import_cycles():
     assert _cycles(graph) == []
 
 
+def _layer(mod: str) -> int:
+    """tools and benchmarks (3) > passes (2) > the engine (1); tests are outside."""
+    parts = mod.split(".")
+    if parts[0] != "graphslim":
+        return 0
+    return {"passes": 2, "tools": 3, "benchmarks": 3}.get(parts[1] if len(parts) > 1 else "", 1)
+
+
+def test_imports_flow_one_way():
+    """shared/DESIGN.md: tools -> passes -> graphslim; the engine finds passes through the
+    `graphslim.passes` entry-point group and never imports them."""
+    bad = [(mod, target) for mod, items in _imports().items() for target, _ in items
+           if _layer(target) > _layer(mod) and not (mod == "graphslim.passes" or
+                                                   target.startswith(mod + "."))]
+    assert bad == []
+
+
 def test_the_detector_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -91,13 +110,13 @@ def test_the_detector_sees_a_cycle():
 def test_no_private_names_imported_across_modules():
     bad = [(mod, target, n) for mod, items in _imports().items() for target, names in items
            for n in names if n.startswith("_") and n != "__future__" and
-           target.split(".")[0] in PACKAGES]
+           target.split(".")[0] in ("graphslim", "tests")]
     assert bad == []
 
 
 def test_passes_import_no_backend():
     backends = ("torch", "onnx", "onnx_graphsurgeon", "onnxruntime")
-    bad = [(mod, target) for mod, items in _imports().items() if mod.startswith("passes")
+    bad = [(mod, target) for mod, items in _imports().items() if mod.startswith("graphslim.passes")
            for target, _ in items if target.split(".")[0] in backends]
     assert bad == []
 

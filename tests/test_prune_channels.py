@@ -261,7 +261,7 @@ def test_exact_only_leaves_layernorm_groups(frontend, tmp_path):
 @pytest.mark.parametrize("frontend_name", ["fx", "onnx"])
 def test_zoo_benchmark_row(frontend_name):
     """The CI subset of benchmarks/prune_bench.py's table: one small model, both frontends."""
-    from benchmarks.prune_bench import prune_row
+    from graphslim.benchmarks.prune_bench import prune_row
 
     row = prune_row("mobilenet_v3_small", frontend_name, ratio=0.5, repeats=3)
     assert row["status"] == "ok", row

@@ -15,9 +15,9 @@ from torch import nn
 import graphslim
 from graphslim.analyses.calibration import Histogram, calibrate_range, grid
 from graphslim.errors import InputError, PipelineError
+from graphslim.passes import qdq_math as qm
 from graphslim.runtime import int8_kernels
 from graphslim.verify import compare
-from passes import qdq_math as qm
 from tests.conftest import export_onnx, randomize_bn
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import graphslim
+from graphslim.passes.equalize import equalize_pair
 from graphslim.verify import compare, is_close
-from passes.equalize import equalize_pair
 from tests.conftest import package_file
 
 PPOCR_DET = ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx")
@@ -379,7 +379,7 @@ def test_robustness_matrix_slice(tmp_path):
     """A slice of benchmarks/robustness.py (the full matrix is in
     benchmarks/results/robustness.md): real files x composed pipelines through slim-opt, no
     traceback, no invalid output, no NaN; the lossless ones verified numerically."""
-    from benchmarks import robustness
+    from graphslim.benchmarks import robustness
 
     cases = [c for c in robustness.real_files() if c.name.split()[0] in
              ("demo_cnn", "ppocr_cls", "ppocr_v4_det")]

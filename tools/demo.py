@@ -18,7 +18,7 @@ import numpy as np
 
 import graphslim
 from graphslim.runtime import compare, make_session, session_runner
-from tools._common import EXIT_OK, run_tool, setup_logging
+from graphslim.tools._common import EXIT_OK, run_tool, setup_logging
 
 DEFAULT_PIPELINE = "fold-bn"
 
@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    import passes  # noqa: F401  (registers the passes)
 
     model_path, data_path = demo_files()
     data = np.load(data_path)

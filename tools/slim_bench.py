@@ -10,9 +10,15 @@ import argparse
 import sys
 
 from graphslim.runtime import compare, make_session, session_runner
+from graphslim.tools._common import (
+    EXIT_OK,
+    add_input_shape_arg,
+    load_model,
+    run_tool,
+    setup_logging,
+)
 from graphslim.verify import compare as compare_outputs
 from graphslim.verify import make_inputs
-from tools._common import EXIT_OK, add_input_shape_arg, load_model, run_tool, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from graphslim.analyses import AnalysisManager
 from graphslim.analyses.channels import ChannelDepsAnalysis
 from graphslim.analyses.cost import Cost
 from graphslim.report import format_rows, human
-from tools._common import (
+from graphslim.tools._common import (
     EXIT_OK,
     add_input_shape_arg,
     check_output,

@@ -18,7 +18,7 @@ import numpy as np
 
 import graphslim
 from graphslim.report import PrintIRAfter, format_rows
-from tools._common import (
+from graphslim.tools._common import (
     EXIT_OK,
     EXIT_USAGE,
     add_input_shape_arg,
@@ -59,7 +59,6 @@ def list_passes() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import passes  # noqa: F401  (registers the passes)
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
