@@ -1,7 +1,8 @@
 """The rewrite passes. Importing this package registers every pass by its textual name."""
 
 from graphslim.passes.conv_group import GroupConv
-from graphslim.passes.conv_substitute import SeparateConv, SubstituteConv
+from graphslim.passes.conv_separable import SeparateConv
+from graphslim.passes.conv_substitute import SubstituteConv
 from graphslim.passes.equalize import EqualizeLayers
 from graphslim.passes.factorize import FactorizeLowRank
 from graphslim.passes.fold_bn import FoldBatchNorm

@@ -31,8 +31,8 @@ rewritten ran 0.94x as fast; in context every one measures slower, as the whole 
 
 Lossless: verified against the graph before the pass (fp32 tolerances). Preserves nothing.
 After `to-matmul` with spatial pixels the ONNX graph holds a MatMul other passes do not edit:
-run it last. The approximate rewrites are the `conv-separable` pass below and `conv-group`
-(passes/conv_group.py).
+run it last. The approximate rewrites are `conv-separable` (passes/conv_separable.py) and
+`conv-group` (passes/conv_group.py).
 """
 
 from __future__ import annotations
@@ -63,14 +63,6 @@ def _is_pointwise(node: Node) -> bool:
     return (node.kind is OpKind.CONV and a.get("groups", 1) == 1
             and all(k == 1 for k in a.get("kernel_shape", ())) and a.get("pads") is not None
             and not any(a["pads"]) and all(s == 1 for s in a.get("strides", ())))
-
-
-def _layer(view: GraphView, node: Node, bias: bool = True, **kw) -> Layer:
-    """The node as it is, as an edit-vocabulary Layer."""
-    b = view.param(node.name, "bias") if bias and "bias" in node.params else None
-    geometry = conv_geometry(node) if node.kind is OpKind.CONV else ()
-    groups = node.attrs.get("groups", 1) if node.kind is OpKind.CONV else 1
-    return Layer(node.kind, view.param(node.name, "weight"), b, groups, *geometry, **kw)
 
 
 @dataclass
@@ -273,7 +265,7 @@ class SubstituteConv(sc.ChoosingPass):
         layer = Layer(OpKind.CONV, cm.to_grouped(weight, groups), bias, groups,
                       *conv_geometry(node))
         kind = "depthwise" if groups == weight.shape[1] else "grouped"
-        return _Candidate(node.name, (_layer(view, node),), (layer,), in_shape,
+        return _Candidate(node.name, (sc.node_layer(view, node),), (layer,), in_shape,
                           [*edits, ReplaceWithChain(node.name, (layer,))], claims,
                           f"to_{kind}", {"node": node.name, "rewrite": kind, "groups": groups,
                                          **detail}, touched_groups)
@@ -299,7 +291,7 @@ class SubstituteConv(sc.ChoosingPass):
                                   get(second.name, "bias") if "bias" in second.params else None)
         geometry = conv_geometry(first) if first.kind is OpKind.CONV else ()
         merged = Layer(first.kind, w, b, 1, *geometry)
-        pair = (_layer(view, first), _layer(view, second))
+        pair = (sc.node_layer(view, first), sc.node_layer(view, second))
         before, after = chain_macs(pair, in_shape), chain_macs((merged,), in_shape)
         if after >= before:
             plan.skip(first.name, f"merge with '{second.name}': {after} MACs merged vs {before} "
@@ -319,8 +311,8 @@ class SubstituteConv(sc.ChoosingPass):
                 return None
             form = "gemm" if in_shape[2:] == (1, 1) else "matmul"
         elif "to-conv" in self.rewrites and node.attrs.get("form") == "matmul":  # fx's to-matmul
-            layer = _layer(view, node)
-            return _Candidate(node.name, (_layer(view, node, form="matmul"),), (layer,),
+            layer = sc.node_layer(view, node)
+            return _Candidate(node.name, (sc.node_layer(view, node, form="matmul"),), (layer,),
                               in_shape, [ReplaceWithChain(node.name, (layer,))], {node.name},
                               "matmul_to_conv", {"node": node.name, "rewrite": "matmul-to-conv",
                                                  "nodes": [node.name]})
@@ -332,72 +324,7 @@ class SubstituteConv(sc.ChoosingPass):
             form = "conv"
         else:
             return None
-        layer = _layer(view, node, form=form)
-        return _Candidate(node.name, (_layer(view, node),), (layer,), in_shape,
+        layer = sc.node_layer(view, node, form=form)
+        return _Candidate(node.name, (sc.node_layer(view, node),), (layer,), in_shape,
                           [ReplaceWithChain(node.name, (layer,))], {node.name}, f"to_{form}",
                           {"node": node.name, "rewrite": f"to-{form}"})
-
-
-@register_pass
-@dataclass(frozen=True)
-class SeparateConv(sc.ChoosingPass):
-    """conv-separable: a dense KxK conv -> depthwise KxK (channel multiplier m) + pointwise 1x1,
-    MobileNet style, fitted by least squares on the original weights (per input channel, a
-    rank-m SVD; passes/conv_math.separable_factors). Lossy: the relative weight error of each
-    layer is in the details; layers above `max-error` (0: no limit) or saving less than
-    `min-saving` of their MACs are left with the reason, and with `choose=latency` those not
-    `min-gain` faster on ORT CPU (passes/site_choice.py)."""
-
-    name = "conv-separable"
-    lossless = False
-    summary = "approximate: dense KxK conv -> depthwise + pointwise, least-squares fit"
-    multiplier: int = 1
-    max_error: float = 0.0
-    min_saving: float = 0.1
-    exclude: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.multiplier < 1:
-            raise ValueError(f"multiplier must be >= 1, not {self.multiplier}")
-        if self.max_error < 0:
-            raise ValueError(f"max-error must be >= 0, not {self.max_error}")
-
-    def plan(self, view: GraphView, analyses) -> Plan:
-        shapes = analyses.get(Shapes)
-        plan = Plan()
-        for node in view.nodes():
-            if node.kind is not OpKind.CONV or any(fnmatch.fnmatch(node.name, p)
-                                                   for p in self.exclude):
-                continue
-            a = node.attrs
-            if a.get("groups", 1) != 1 or len(a.get("kernel_shape", ())) != 2 or \
-                    all(k == 1 for k in a["kernel_shape"]) or a.get("pads") is None:
-                continue
-            weight = view.param(node.name, "weight")
-            bias = view.param(node.name, "bias") if "bias" in node.params else None
-            depth, point, error = cm.separable_factors(weight, self.multiplier)
-            chain = (Layer(OpKind.CONV, depth, None, weight.shape[1], *conv_geometry(node)),
-                     Layer(OpKind.CONV, point, bias))
-            in_shape = shapes.get(node.inputs[0])
-            before = chain_macs((Layer(OpKind.CONV, weight, None, 1, *conv_geometry(node)),),
-                                in_shape)
-            after = chain_macs(chain, in_shape)
-            if after > (1 - self.min_saving) * before:
-                plan.skip(node.name, f"separable: {after} MACs vs {before}, saves less than "
-                          f"{self.min_saving:.0%}")
-                continue
-            if self.max_error and error > self.max_error:
-                plan.skip(node.name, f"separable: weight error {error:.3f} above max-error "
-                          f"{self.max_error}")
-                continue
-            detail = {"node": node.name, "rewrite": "separable", "multiplier": self.multiplier,
-                      "macs_before": before, "macs_after": after,
-                      "weight_rel_error": round(error, 6)}
-            if not self.latency_allows(node.name, "separable", (_layer(view, node),), chain,
-                                       in_shape, plan, detail):
-                continue
-            plan.edits.append(ReplaceWithChain(node.name, chain))
-            plan.stats["separated"] += 1
-            plan.details.append(detail)
-        return plan

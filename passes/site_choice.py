@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from graphslim.edits import Layer
+from graphslim.ir import GraphView, Node, OpKind, conv_geometry
 from graphslim.pass_manager import Pass, Plan
 
 CHOOSERS = ("cost", "latency")
@@ -58,3 +59,11 @@ def latency_allows(node: str, what: str, before: Sequence[Layer], after: Sequenc
     plan.skip(node, f"{what}: measured {t_after} vs {t_before} on ORT CPU at input "
               f"{list(shape)}, not {min_gain:.0%} faster")
     return False
+
+
+def node_layer(view: GraphView, node: Node, bias: bool = True, **kw) -> Layer:
+    """The node as it is, as an edit-vocabulary Layer."""
+    b = view.param(node.name, "bias") if bias and "bias" in node.params else None
+    geometry = conv_geometry(node) if node.kind is OpKind.CONV else ()
+    groups = node.attrs.get("groups", 1) if node.kind is OpKind.CONV else 1
+    return Layer(node.kind, view.param(node.name, "weight"), b, groups, *geometry, **kw)

@@ -154,3 +154,11 @@ def test_the_spelling_check_sees_op_compares(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("if node.op == 'Slice' or n.attrs.get('args'):\n    pass\n")
     assert len(_spelling_reads(probe)) == 2
+
+
+def test_no_module_over_about_400_lines():
+    """Issue 13: the engine and the passes stay in modules a reader can hold (~400 lines)."""
+    long = {str(p.relative_to(ROOT)): n for folder in ("graphslim", "passes")
+            for p in (ROOT / folder).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 420}
+    assert long == {}

@@ -9,15 +9,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphslim.analyses.channel_geometry import (
+    fill_gap,
+    getitem_axes,
+    is_range,
+    permutation,
+    reaches_float,
+    reduce_axes,
+    reshape_label,
+    slice_ranges,
+    squeeze_constant,
+)
 from graphslim.analyses.channel_types import (
     Label,
     ShapeSite,
     SliceSite,
     SplitSite,
-    UnionFind,
     Unsupported,
 )
-from graphslim.ir import GraphView, Node, OpKind
+from graphslim.ir import Node, OpKind
 
 
 @dataclass
@@ -95,14 +105,14 @@ class LayoutRules:
             self.set_out(node, None)
             return
         in_shape, out_shape = self.shape(src), self.shape(node.output)
-        if _is_range(node) and len(lab.axes) == 1 and self.range_slice(node, lab, in_shape):
+        if is_range(node) and len(lab.axes) == 1 and self.range_slice(node, lab, in_shape):
             return
         picked = self.scalar_index(node, lab, in_shape)
         if picked is not None:
             self.set_out(node, picked)
             return
         if node.attrs.get("form") == "index":
-            mapping = _getitem_axes(node.attrs["index"], in_shape)
+            mapping = getitem_axes(node.attrs["index"], in_shape)
         else:
             mapping = self.slice_axes(node, in_shape)
         if mapping is None or any(mapping.get(a) is None for a in lab.axes):
@@ -155,10 +165,10 @@ class LayoutRules:
         Tying pieces position by position to keep them even collapsed ShuffleNet's streams
         into one unit (the shuffles chain the ties), so they are not tied."""
         axis = lab.axes[0]
-        siblings = [u for u in self.view.users(node.inputs[0]) if _is_range(u)]
-        found = {u.name: _slice_ranges(self.view, self.shapes, u, axis, in_shape)
+        siblings = [u for u in self.view.users(node.inputs[0]) if is_range(u)]
+        found = {u.name: slice_ranges(self.view, self.shapes, u, axis, in_shape)
                  for u in siblings}
-        _fill_gap(found, siblings, self.shapes, axis, in_shape[axis])
+        fill_gap(found, siblings, self.shapes, axis, in_shape[axis])
         if found.get(node.name) is None:
             return False
         start, stop, _ = found[node.name]
@@ -178,7 +188,7 @@ class LayoutRules:
             shift = idx.ndim - 1
             return {a: (None if a == axis else a if a < axis else a + shift)
                     for a in range(rank)}
-        if not _is_range(node) or not all(f"in{i}" in node.params for i in (1, 2)):
+        if not is_range(node) or not all(f"in{i}" in node.params for i in (1, 2)):
             return None
         starts, ends = (self.view.param(node.name, f"in{i}") for i in (1, 2))
         axes = self.view.param(node.name, "in3") if "in3" in node.params else \
@@ -217,8 +227,8 @@ class LayoutRules:
             self.block(lab.ids, f"{node.name}: reshapes a one-channel tensor")
             self.set_out(node, None)
             return
-        out_axes, ids = _reshape_label(lab, in_shape, out_shape)
-        out = _squeeze_constant(Label(out_axes, ids), self.uf)
+        out_axes, ids = reshape_label(lab, in_shape, out_shape)
+        out = squeeze_constant(Label(out_axes, ids), self.uf)
         if node.attrs.get("form") == "target":
             self.sites.append(ShapeSite(node.name, out.axes, out.ids))
         if sum(1 for n in out.ids.shape if n > 1) > 1:
@@ -231,7 +241,7 @@ class LayoutRules:
         if lab is None:
             self.set_out(node, None)
             return
-        perm = _perm(node, rank)
+        perm = permutation(node, rank)
         new_axes = [perm.index(a) for a in lab.axes]
         order = np.argsort(new_axes)
         self.set_out(node, Label(tuple(sorted(new_axes)), np.transpose(lab.ids, order)))
@@ -242,7 +252,7 @@ class LayoutRules:
         if lab is None:
             self.set_out(node, None)
             return
-        axes, keep = _reduce_axes(self, node, rank)
+        axes, keep = reduce_axes(self.view, node, rank)
         if set(axes) & set(lab.axes):
             raise Unsupported("reduces over pruned channels")
         if keep:
@@ -272,14 +282,14 @@ class LayoutRules:
         1/sqrt(head_dim)) changes values, not just shapes: the units that shrink that axis
         are inexact. Reshape targets, the usual reader, are int-only and fine."""
         lab = self.labels.get(node.inputs[0])
-        if not isinstance(lab, Label) or not _reaches_float(self.view, node.output):
+        if not isinstance(lab, Label) or not reaches_float(self.view, node.output):
             return
         rank = len(self.shape(node.inputs[0]))
         picked: set[int] = set()
         for u in self.view.users(node.output):
             if u.kind is OpKind.GATHER and "in1" in u.params:
                 picked |= {int(i) % rank for i in np.ravel(self.view.param(u.name, "in1"))}
-            elif _is_range(u) and "in1" in u.params and "in2" in u.params:
+            elif is_range(u) and "in1" in u.params and "in2" in u.params:
                 lo, hi = (int(np.ravel(self.view.param(u.name, r))[0]) for r in ("in1", "in2"))
                 picked |= set(range(rank)[slice(lo, hi)])
             else:
@@ -294,177 +304,3 @@ class LayoutRules:
         if "value" in node.params:
             self.const_of[node.output] = (node.name, "value", node.params["value"])
         self.set_out(node, None)
-
-
-def _slice_ranges(view: GraphView, shapes: dict, node: Node, axis: int, in_shape: tuple
-                  ) -> tuple[int, int, bool] | None:
-    """(start, stop, dynamic) of an ONNX Slice on `axis` only with step 1. A bound computed at
-    run time (torch.chunk exports `C // 2` from Shape) is read off the measured output size;
-    `dynamic` says the bounds cannot be rewritten."""
-    rank, n = len(in_shape), in_shape[axis]
-    consts = {i: view.param(node.name, f"in{i}").tolist() for i in (1, 2, 3, 4)
-              if f"in{i}" in node.params}
-    dynamic = iter(node.inputs[1:])
-    total = len(node.inputs) + len(consts)
-    slots = {i: ("const", consts[i]) if i in consts else ("value", next(dynamic, None))
-             for i in range(1, total)}
-    if 3 in slots:
-        kind, axes = slots[3]
-        if kind != "const":
-            return None
-    else:  # no axes input: the first len(starts) axes
-        kind, starts = slots[1]
-        count = len(starts) if kind == "const" else (shapes.get(starts) or (0,))[0]
-        axes = list(range(count))
-    if len(axes) != 1 or int(axes[0]) % rank != axis or \
-            (4 in slots and slots[4] != ("const", [1])):
-        return None
-    out = shapes.get(node.output)
-    if out is None or not isinstance(out[axis], int):
-        return None
-    size = out[axis]
-
-    def clamp(v):
-        return min(max(v + n if v < 0 else v, 0), n)
-
-    if 1 in consts:
-        start = clamp(consts[1][0])
-    elif 2 in consts:
-        start = clamp(consts[2][0]) - size
-    else:
-        return None
-    return start, start + size, not (1 in consts and 2 in consts)
-
-
-def _reaches_float(view: GraphView, value: str, depth: int = 8) -> bool:
-    """Does an integer shape value flow into float arithmetic (Cast to float, Sqrt)?"""
-    frontier = [value]
-    for _ in range(depth):
-        nxt = []
-        for v in frontier:
-            for u in view.users(v):
-                if u.attrs.get("fn") == "sqrt" or u.attrs.get("to_float"):
-                    return True
-                if u.attrs.get("form") != "target":  # a reshape target reads sizes as sizes
-                    nxt.extend(u.outputs)
-        frontier = nxt
-    return False
-
-
-def _fill_gap(found: dict, siblings: list, shapes: dict, axis: int, n: int) -> None:
-    """A slice with both bounds computed at run time is the one gap its siblings leave
-    (the second half of an exported chunk), when its size says so."""
-    unknown = [u for u in siblings if found[u.name] is None and _is_range(u)]
-    if len(unknown) != 1:
-        return
-    covered = sorted(r[:2] for r in found.values() if r is not None)
-    gaps, at = [], 0
-    for a, b in covered:
-        if a > at:
-            gaps.append((at, a))
-        at = max(at, b)
-    if at < n:
-        gaps.append((at, n))
-    out = shapes.get(unknown[0].output)
-    if len(gaps) == 1 and gaps[0] != (0, n) and out is not None and \
-            out[axis] == gaps[0][1] - gaps[0][0]:  # (0, n): it does not cut this axis at all
-        found[unknown[0].name] = (*gaps[0], True)
-
-
-def _is_range(node: Node) -> bool:
-    return node.kind is OpKind.SLICE and node.attrs.get("form") == "range"
-
-
-def _perm(node: Node, rank: int) -> list[int]:
-    if "swap" in node.attrs:
-        a, b = (int(d) % rank for d in node.attrs["swap"])
-        perm = list(range(rank))
-        perm[a], perm[b] = perm[b], perm[a]
-        return perm
-    dims = node.attrs.get("perm")
-    if dims is None:
-        return list(reversed(range(rank)))
-    if not all(isinstance(d, int) for d in dims):
-        raise Unsupported("permutation not constant")
-    return [int(d) % rank for d in dims]
-
-
-def _reduce_axes(p: LayoutRules, node: Node, rank: int) -> tuple[list[int], bool]:
-    dims = node.attrs.get("axes")
-    if dims is None and "in1" in node.params:  # ONNX opset 18: axes as an input
-        dims = p.view.param(node.name, "in1").tolist()
-    keep = bool(node.attrs.get("keepdims", False))
-    if dims is None:
-        return list(range(rank)), keep
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not all(isinstance(d, int) for d in dims):
-        raise Unsupported("reduction axes not constant")
-    return sorted(int(d) % rank for d in dims), keep
-
-
-def _getitem_axes(index, in_shape: tuple) -> dict | None:
-    """Input axis -> output axis of x[index] (None where the axis is indexed or sliced)."""
-    items = index if isinstance(index, tuple) else (index,)
-    if any(i == "$node" for i in items):
-        return None
-    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
-    mapping, a, b = {}, 0, 0
-    for item in items:
-        if item is Ellipsis:
-            for _ in range(len(in_shape) - n_real):
-                mapping[a] = b
-                a, b = a + 1, b + 1
-        elif item is None:
-            b += 1
-        elif isinstance(item, int):
-            mapping[a] = None
-            a += 1
-        elif isinstance(item, tuple) and item[:1] == ("slice",):
-            start, stop, step = item[1:]
-            full = start in (None, 0) and step in (None, 1) and (
-                stop is None or stop >= in_shape[a])
-            mapping[a] = b if full else None
-            a, b = a + 1, b + 1
-        else:
-            return None
-    while a < len(in_shape):
-        mapping[a] = b
-        a, b = a + 1, b + 1
-    return mapping
-
-
-def _reshape_label(lab: Label, in_shape: tuple, out_shape: tuple) -> tuple[tuple, np.ndarray]:
-    """Carry a label through a reshape: find the smallest input axis range around the label
-    whose boundaries (products of leading sizes) also exist in the output, spread the ids over
-    that range and reshape them to the matching output axes."""
-    in_cp = np.cumprod((1,) + tuple(in_shape)).tolist()
-    out_cp = np.cumprod((1,) + tuple(out_shape)).tolist()
-    common = set(in_cp) & set(out_cp)
-    lo, hi = min(lab.axes), max(lab.axes) + 1
-    v_lo = max(v for v in common if v <= in_cp[lo])
-    v_hi = min(v for v in common if v >= in_cp[hi])
-    lo = max(i for i in range(lo + 1) if in_cp[i] == v_lo)
-    hi = min(i for i in range(hi, len(in_cp)) if in_cp[i] == v_hi)
-    olo = max(j for j, v in enumerate(out_cp) if v == v_lo)
-    ohi = min(j for j, v in enumerate(out_cp) if v == v_hi)
-    if olo >= ohi:
-        olo = min(j for j, v in enumerate(out_cp) if v == v_lo)
-    if olo >= ohi:
-        raise Unsupported("no output axes carry the pruned channels")
-    block = [in_shape[a] for a in range(lo, hi)]
-    spread = lab.ids.reshape([in_shape[a] if a in lab.axes else 1 for a in range(lo, hi)])
-    ids = np.broadcast_to(spread, block).reshape([out_shape[j] for j in range(olo, ohi)])
-    return tuple(range(olo, ohi)), np.ascontiguousarray(ids)
-
-
-def _squeeze_constant(lab: Label, uf: UnionFind) -> Label:
-    """Drop axes along which the ids repeat (size-1 or broadcast) from a label."""
-    keep = [i for i in range(lab.ids.ndim)
-            if lab.ids.shape[i] > 1 and not np.all(lab.ids == lab.ids.take([0], axis=i))]
-    if not keep:
-        keep = [int(np.argmax(lab.ids.shape))]
-    ids = lab.ids
-    for i in reversed(range(ids.ndim)):
-        if i not in keep:
-            ids = ids.take(0, axis=i)
-    return Label(tuple(lab.axes[i] for i in keep), ids)

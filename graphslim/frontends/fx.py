@@ -17,18 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphslim.edits import (
-    Bypass,
-    Edit,
-    Layer,
-    QuantizeParam,
-    QuantizeValue,
-    ReplaceSubgraph,
-    ReplaceWithChain,
-    SetAttr,
-    SetParam,
-    SliceParam,
-)
+from graphslim.edits import Edit
 from graphslim.errors import InputError, StructureError
 from graphslim.frontends.base import Frontend, TensorSpec, saving_to
 from graphslim.ir import GraphView, Node, OpKind
@@ -38,81 +27,12 @@ try:
     from torch import fx, nn
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from graphslim.frontends import fx_edits, fx_quant
+    from graphslim.frontends import fx_edits, fx_quant, fx_trace
     from graphslim.frontends import fx_ops as ops
 except ImportError as _exc:  # pragma: no cover - exercised only without torch
     raise ImportError("the torch frontend needs torch: pip install 'graphslim[torch]'") from _exc
 
 log = logging.getLogger(__name__)
-
-
-class _LeafTracer(fx.Tracer):
-    """symbolic_trace's tracer, plus user-chosen leaves, remembering which submodule failed."""
-
-    def __init__(self, leaves: set[str]):
-        super().__init__()
-        self.leaves = leaves
-        self.failed: str | None = None
-
-    def is_leaf_module(self, m, qualname):
-        """Leaves: user-given and failed modules, the module types graphslim models, and torch.nn
-        modules without children. torch.nn containers (TransformerEncoderLayer, ...) are traced
-        into, so the layers inside them are visible to passes."""
-        if qualname in self.leaves or isinstance(m, ops.LEAF_TYPES):
-            return True
-        return super().is_leaf_module(m, qualname) and not any(True for _ in m.children())
-
-    def call_module(self, m, forward, args, kwargs):
-        qual = self.path_of_module(m)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed is None and qual:
-                self.failed = qual
-            raise
-
-
-def _constant_args(module: nn.Module, n_inputs: int) -> dict:
-    """forward's parameters past the example inputs whose defaults are not tensors (flags such
-    as `embed=False`, scales, modes): bound to their defaults as constants, as a user calling
-    module(x) gets them, so Python control flow on them traces."""
-    import inspect
-
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
-    bound = {}
-    for p in params[n_inputs:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
-            continue
-        if not isinstance(p.default, torch.Tensor):
-            bound[p.name] = p.default
-    return bound
-
-
-def _trace(module: nn.Module, leaves: set[str], n_inputs: int | None = None) -> fx.GraphModule:
-    leaves = set(leaves)
-    concrete = _constant_args(module, n_inputs) if n_inputs is not None else {}
-    if concrete:
-        log.info("fx: %s bound to their defaults as constants",
-                 ", ".join(f"{k}={v!r}" for k, v in concrete.items()))
-    for _ in range(200):
-        tracer = _LeafTracer(leaves)
-        try:
-            graph = tracer.trace(module, concrete_args=concrete or None)
-        except Exception as exc:
-            if tracer.failed is None or tracer.failed in leaves:
-                raise InputError(f"torch.fx cannot trace {type(module).__name__}: "
-                                 f"{type(exc).__name__}: {exc}") from None
-            log.warning("fx: tracing failed inside '%s' (%s); treating it as an opaque leaf",
-                        tracer.failed, exc)
-            leaves.add(tracer.failed)
-            continue
-        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
-        gm.meta["graphslim_leaves"] = sorted(leaves)
-        return gm
-    raise InputError(f"torch.fx cannot trace {type(module).__name__}: too many failing submodules")
 
 
 def trace(module: nn.Module, example_inputs, leaf_modules: Sequence[str] = ()) -> FxGraph:
@@ -122,12 +42,6 @@ def trace(module: nn.Module, example_inputs, leaf_modules: Sequence[str] = ()) -
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     return FxGraph(module, tuple(example_inputs), leaves=set(leaf_modules))
-
-
-def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
-    parent_name, _, attr = target.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
 
 
 class _eval_mode:
@@ -188,7 +102,7 @@ class FxGraph(Frontend):
     def __init__(self, module: nn.Module, example_inputs: tuple, leaves: set[str] = frozenset()):
         self.module = module
         self.example_inputs = example_inputs
-        self.gm = _trace(module, set(leaves), len(example_inputs))
+        self.gm = fx_trace.trace_module(module, set(leaves), len(example_inputs))
         self.traced_with = "torch.fx.symbolic_trace"
         if self.gm.meta["graphslim_leaves"]:
             self.traced_with += f" (opaque leaves: {', '.join(self.gm.meta['graphslim_leaves'])})"
@@ -270,113 +184,39 @@ class FxGraph(Frontend):
 
     # --- edits -----------------------------------------------------------------------------------
     def apply(self, edits: Sequence[Edit]) -> int:
-        nodes = {n.name: n for n in self.gm.graph.nodes}
-        kinds = {n.name: n for n in self.view().nodes()}
+        """Apply edits through the one edit -> handler table of fx_edits (the ONNX frontend
+        has its own, for the same vocabulary)."""
+        ctx = fx_edits.EditContext(self, {n.name: n for n in self.gm.graph.nodes},
+                                   {n.name: n for n in self.view().nodes()})
         touched: set[str] = set()
-        retrace = False
         for e in edits:
-            if isinstance(e, QuantizeValue):
-                fx_quant.quantize_value(self, e.value, e.scale, e.zero_point, e.dtype, e.users)
-                fx_edits.become_graph_module(self, "fake-quantize nodes inserted")
-                touched.add(e.node)
-                continue
-            if e.node not in nodes:
-                raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
-            if isinstance(e, ReplaceSubgraph):
-                self._replace_subgraph(nodes, e)
-                touched.add(e.node)
-                retrace = True
-                continue
-            n = nodes[e.node]
-            if isinstance(e, QuantizeParam):
-                fx_quant.quantize_param(self, n, kinds[e.node], e.role, e.scale, e.axis,
-                                        e.values)
-                touched.add(e.node)
-                continue
-            if isinstance(e, (SliceParam, SetAttr)):
-                fx_edits.apply_structural(self, n, kinds[e.node], e)
-                touched.add(e.node)
-                continue
-            calls = [m for m in self.gm.graph.nodes
-                     if m.op == "call_module" and m.target == n.target]
-            if n.op != "call_module" or len(calls) != 1:
-                raise ValueError(f"node '{e.node}' is not a module called exactly once; the fx "
-                                 "frontend edits modules")
-            if isinstance(e, SetParam):
-                self._set_param(n, kinds[e.node], e.role, e.value)
-            elif isinstance(e, Bypass):
-                self._bypass(n)
-            elif isinstance(e, ReplaceWithChain):
-                self._replace_with_chain(n, e.layers)
-                retrace = True
-            else:
+            handler = fx_edits.HANDLERS.get(type(e))
+            if handler is None:
                 raise TypeError(f"the fx frontend cannot apply {type(e).__name__}")
+            if type(e) not in fx_edits.GRAPH_EDITS and e.node not in ctx.nodes:
+                raise KeyError(f"edit {type(e).__name__} names unknown node '{e.node}'")
+            handler(ctx, e)
             touched.add(e.node)
         if edits:
-            fx_edits.sync_modules(self, [nodes[e.node] for e in edits
-                                         if isinstance(e, (SliceParam, SetAttr))])
+            fx_edits.sync_modules(self, ctx.structural)
             self.gm.graph.lint()
             self.gm.recompile()
-            if retrace:  # swapped-in Sequentials are traced through, so the view sees the chain
-                self.gm = _trace(self.module, set(self.gm.meta["graphslim_leaves"]),
-                                 len(self.example_inputs))
+            if ctx.retrace:  # swapped-in Sequentials are traced through: the view sees the chain
+                leaves = set(self.gm.meta["graphslim_leaves"])
+                self.gm = fx_trace.trace_module(self.module, leaves, len(self.example_inputs))
             self._version += 1
             self._cache.clear()
         return len(touched)
 
-    def _replace_with_chain(self, n: fx.Node, layers: Sequence[Layer]) -> None:
-        old = self.gm.get_submodule(n.target)
-        if not isinstance(old, (nn.Linear, nn.modules.conv._ConvNd)) or \
-                isinstance(old, nn.modules.conv._ConvTransposeNd):
-            raise ValueError(f"node '{n.name}' ({type(old).__name__}) cannot be replaced by a "
-                             "layer chain")
-        ref = old.weight
-        chain = nn.Sequential(*(ops.make_layer(layer, old) for layer in layers)).to(
-            dtype=ref.dtype, device=ref.device)
-        chain.requires_grad_(ref.requires_grad)
-        _set_submodule(self.module, n.target, chain)
-        _set_submodule(self.gm, n.target, chain)
-
-    def _replace_subgraph(self, nodes: dict[str, fx.Node], e: ReplaceSubgraph) -> None:
-        """A new module (the layers in an nn.Sequential) called on `source` in place of the
-        chain; the chain and what only it used (get_attr weights, shape reads) are removed."""
-        chain = [nodes[name] for name in e.nodes]
-        if e.source not in nodes:
-            raise ValueError(f"node '{e.node}': unknown source value '{e.source}'")
-        ref = next((p for p in self.gm.parameters()), None)
-        mod = nn.Sequential(*(ops.make_layer(layer, None) for layer in e.layers))
-        if ref is not None:
-            mod = mod.to(dtype=ref.dtype, device=ref.device)
-        target, k = f"{chain[0].name}_sub", 1
-        while hasattr(self.gm, target):
-            target, k = f"{chain[0].name}_sub{k}", k + 1
-        self.gm.add_submodule(target, mod)
-        with self.gm.graph.inserting_before(chain[-1]):
-            new = self.gm.graph.call_module(target, (nodes[e.source],))
-        chain[-1].replace_all_uses_with(new)
-        self.gm.graph.eliminate_dead_code()
-        fx_edits.become_graph_module(self, f"'{e.node}' and the nodes after it")
-
-    def _set_param(self, n: fx.Node, node: Node, role: str, value: np.ndarray) -> None:
-        attr = ops.ROLE_ATTRS.get(node.kind, {}).get(role, role)
-        sub, _, attr = attr.rpartition(".")  # out_proj.weight of an attention module
-        mod = self.gm.get_submodule(f"{n.target}.{sub}" if sub else n.target)
-        old = getattr(mod, attr, None)
-        ref = old if isinstance(old, torch.Tensor) else mod.weight
-        new = torch.as_tensor(np.ascontiguousarray(value)).to(dtype=ref.dtype, device=ref.device)
-        if attr in mod._buffers:
-            setattr(mod, attr, new)
-        else:
-            grad = old.requires_grad if isinstance(old, nn.Parameter) else ref.requires_grad
-            setattr(mod, attr, nn.Parameter(new, requires_grad=grad))
-
-    def _bypass(self, n: fx.Node) -> None:
-        if len(n.all_input_nodes) != 1:
-            raise ValueError(f"node '{n.name}' does not have exactly one input")
-        _set_submodule(self.module, n.target, nn.Identity())
-        _set_submodule(self.gm, n.target, nn.Identity())
-        n.replace_all_uses_with(n.all_input_nodes[0])
-        self.gm.graph.erase_node(n)
+    def fresh(self, base: str) -> str:
+        """A submodule name not yet used in the traced module (the one fresh-name mechanism of
+        this frontend, as `OnnxGraph.fresh` is of the other)."""
+        base = base.replace(".", "_")
+        taken = dict(self.gm.named_modules())
+        name, k = base, 1
+        while name in taken or hasattr(self.gm, name):
+            name, k = f"{base}_{k}", k + 1
+        return name
 
     # --- run, check, export ----------------------------------------------------------------------
     def input_specs(self) -> list[TensorSpec]:

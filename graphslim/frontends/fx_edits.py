@@ -1,6 +1,8 @@
-"""Structural edits (SliceParam, SetAttr) on the fx frontend: slice the user's own parameters in
-place, keep each module's size attributes (in_channels, num_features, ...) true to its weights,
-and rewrite literal graph arguments (reshape sizes, split sizes).
+"""The edit vocabulary on the fx frontend: one edit -> handler table (`HANDLERS`), each handler
+changing the user's own module hierarchy (new weights in place, swapped submodules in both the
+user's module and the traced view). Structural edits (SliceParam, SetAttr) slice the user's
+parameters in place, keep each module's size attributes (in_channels, num_features, ...) true to
+its weights, and rewrite literal graph arguments (reshape sizes, split sizes).
 
 A rewrite of a graph argument cannot reach the user's Python `forward`; after one, the model
 becomes the traced GraphModule (same leaf modules and parameters, still trainable, state_dict
@@ -10,17 +12,141 @@ and pickle work), and the frontend logs that it did.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import fx, nn
 
-from graphslim.edits import SetAttr, SliceParam
+from graphslim.edits import (
+    Bypass,
+    Layer,
+    QuantizeParam,
+    QuantizeValue,
+    ReplaceSubgraph,
+    ReplaceWithChain,
+    SetAttr,
+    SetParam,
+    SliceParam,
+)
 from graphslim.frontends import fx_ops as ops
+from graphslim.frontends import fx_quant
 from graphslim.frontends.fx_modules import SlimMultiheadAttention
 from graphslim.ir import Node
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditContext:
+    """What the handlers of one `apply` share: the frontend, its fx nodes and IR nodes by name
+    (as they were before the batch), and what the batch needs afterwards."""
+
+    m: object  # the FxGraph
+    nodes: dict[str, fx.Node]
+    kinds: dict[str, Node]
+    retrace: bool = False  # a Sequential was swapped in: trace again so the view sees it
+    structural: list[fx.Node] = field(default_factory=list)  # size attributes to re-sync
+
+
+def _module_called_once(c: EditContext, name: str) -> fx.Node:
+    n = c.nodes[name]
+    calls = [m for m in c.m.gm.graph.nodes if m.op == "call_module" and m.target == n.target]
+    if n.op != "call_module" or len(calls) != 1:
+        raise ValueError(f"node '{name}' is not a module called exactly once; the fx frontend "
+                         "edits modules")
+    return n
+
+
+def _quantize_value(c: EditContext, e: QuantizeValue) -> None:
+    fx_quant.quantize_value(c.m, e.value, e.scale, e.zero_point, e.dtype, e.users)
+    become_graph_module(c.m, "fake-quantize nodes inserted")
+
+
+def _structural(c: EditContext, e: SliceParam | SetAttr) -> None:
+    apply_structural(c.m, c.nodes[e.node], c.kinds[e.node], e)
+    c.structural.append(c.nodes[e.node])
+
+
+def _replace_with_chain(c: EditContext, e: ReplaceWithChain) -> None:
+    replace_with_chain(c.m, _module_called_once(c, e.node), e.layers)
+    c.retrace = True
+
+
+def _replace_subgraph(c: EditContext, e: ReplaceSubgraph) -> None:
+    replace_subgraph(c.m, c.nodes, e)
+    c.retrace = True
+
+
+HANDLERS = {
+    QuantizeValue: _quantize_value,
+    QuantizeParam: lambda c, e: fx_quant.quantize_param(c.m, c.nodes[e.node], c.kinds[e.node],
+                                                        e.role, e.scale, e.axis, e.values),
+    SliceParam: _structural,
+    SetAttr: _structural,
+    SetParam: lambda c, e: set_param(c.m, _module_called_once(c, e.node), c.kinds[e.node],
+                                     e.role, e.value),
+    Bypass: lambda c, e: bypass(c.m, _module_called_once(c, e.node)),
+    ReplaceWithChain: _replace_with_chain,
+    ReplaceSubgraph: _replace_subgraph,
+}
+#: edits addressed by a value rather than by one existing node
+GRAPH_EDITS = frozenset({QuantizeValue})
+
+
+def replace_with_chain(m, n: fx.Node, layers: Sequence[Layer]) -> None:
+    old = m.gm.get_submodule(n.target)
+    if not isinstance(old, (nn.Linear, nn.modules.conv._ConvNd)) or \
+            isinstance(old, nn.modules.conv._ConvTransposeNd):
+        raise ValueError(f"node '{n.name}' ({type(old).__name__}) cannot be replaced by a "
+                         "layer chain")
+    ref = old.weight
+    chain = nn.Sequential(*(ops.make_layer(layer, old) for layer in layers)).to(
+        dtype=ref.dtype, device=ref.device)
+    chain.requires_grad_(ref.requires_grad)
+    _swap_module(m, n.target, chain)
+
+
+def replace_subgraph(m, nodes: dict[str, fx.Node], e: ReplaceSubgraph) -> None:
+    """A new module (the layers in an nn.Sequential) called on `source` in place of the chain;
+    the chain and what only it used (get_attr weights, shape reads) are removed."""
+    chain = [nodes[name] for name in e.nodes]
+    if e.source not in nodes:
+        raise ValueError(f"node '{e.node}': unknown source value '{e.source}'")
+    ref = next((p for p in m.gm.parameters()), None)
+    mod = nn.Sequential(*(ops.make_layer(layer, None) for layer in e.layers))
+    if ref is not None:
+        mod = mod.to(dtype=ref.dtype, device=ref.device)
+    target = m.fresh(f"{chain[0].name}_sub")
+    m.gm.add_submodule(target, mod)
+    with m.gm.graph.inserting_before(chain[-1]):
+        new = m.gm.graph.call_module(target, (nodes[e.source],))
+    chain[-1].replace_all_uses_with(new)
+    m.gm.graph.eliminate_dead_code()
+    become_graph_module(m, f"'{e.node}' and the nodes after it")
+
+
+def set_param(m, n: fx.Node, node: Node, role: str, value: np.ndarray) -> None:
+    attr = ops.ROLE_ATTRS.get(node.kind, {}).get(role, role)
+    sub, _, attr = attr.rpartition(".")  # out_proj.weight of an attention module
+    mod = m.gm.get_submodule(f"{n.target}.{sub}" if sub else n.target)
+    old = getattr(mod, attr, None)
+    ref = old if isinstance(old, torch.Tensor) else mod.weight
+    new = torch.as_tensor(np.ascontiguousarray(value)).to(dtype=ref.dtype, device=ref.device)
+    if attr in mod._buffers:
+        setattr(mod, attr, new)
+    else:
+        grad = old.requires_grad if isinstance(old, nn.Parameter) else ref.requires_grad
+        setattr(mod, attr, nn.Parameter(new, requires_grad=grad))
+
+
+def bypass(m, n: fx.Node) -> None:
+    if len(n.all_input_nodes) != 1:
+        raise ValueError(f"node '{n.name}' does not have exactly one input")
+    _swap_module(m, n.target, nn.Identity())
+    n.replace_all_uses_with(n.all_input_nodes[0])
+    m.gm.graph.erase_node(n)
 
 
 def apply_structural(m, n: fx.Node, node: Node, e: SliceParam | SetAttr) -> None:

@@ -58,7 +58,7 @@ def quantize_value(m, value: str, scale: float, zero_point: int, dtype: str,
     readers = [u for u in list(src.users) if not users or u.name in users]
     if not readers:
         return
-    name = _fresh(m.gm, f"fq_{value}")
+    name = m.fresh(f"fq_{value}")
     m.gm.add_submodule(name, FakeQuantize(scale, zero_point, dtype))
     with graph.inserting_after(src):
         fq = graph.call_module(name, (src,))
@@ -89,12 +89,3 @@ def parametrized_tensors(mod: nn.Module) -> list[tuple[str, torch.Tensor]]:
     if not parametrize.is_parametrized(mod):
         return []
     return [(attr, getattr(mod, attr)) for attr in mod.parametrizations]
-
-
-def _fresh(gm: nn.Module, base: str) -> str:
-    base = base.replace(".", "_")
-    names = dict(gm.named_modules())
-    name, k = base, 1
-    while name in names:
-        name, k = f"{base}_{k}", k + 1
-    return name

@@ -189,7 +189,7 @@ class OnnxGraph(Frontend):
                     inputs.append(t.name)
             # values an If / Loop / Scan body reads from the outer graph are inputs too: a
             # pass that changes them must see that reader (it is opaque, so it blocks)
-            inputs += [v for v in _outer_reads(g) if v not in inputs]
+            inputs += [v for v in ops.outer_reads(g) if v not in inputs]
             kind, attrs = ops.classify(g, params)
             nodes.append(Node(g.name, kind, g.op, tuple(inputs), tuple(t.name for t in g.outputs),
                               params, attrs))
@@ -389,16 +389,3 @@ _HANDLERS = {
 }
 #: edits addressed by values or node chains rather than by one existing node
 _GRAPH_EDITS = frozenset({FuseActivation, QuantizeValue})
-
-
-def _outer_reads(node: gs.Node) -> list[str]:
-    """Names of outer-scope variables read inside the node's subgraphs (nested ones too)."""
-    found: list[str] = []
-    for sub in node.subgraphs() if hasattr(node, "subgraphs") else ():
-        local = {t.name for t in sub.inputs} | {o.name for n in sub.nodes for o in n.outputs}
-        for n in sub.nodes:
-            reads = [t.name for t in n.inputs if isinstance(t, gs.Variable)]
-            for name in [*reads, *_outer_reads(n)]:
-                if name and name not in local and name not in found:
-                    found.append(name)
-    return found

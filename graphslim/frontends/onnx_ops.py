@@ -167,3 +167,16 @@ def classify(g: gs.Node, params: dict[str, str]) -> tuple[OpKind, dict]:
             attrs["to_float"] = int(a.get("to", 0)) in _FLOAT_TYPES
         return OpKind.ELEMENTWISE, attrs
     return OpKind.OPAQUE, {"reason": f"op {op} is not modelled by graphslim"}
+
+
+def outer_reads(node: gs.Node) -> list[str]:
+    """Names of outer-scope variables read inside the node's subgraphs (nested ones too)."""
+    found: list[str] = []
+    for sub in node.subgraphs() if hasattr(node, "subgraphs") else ():
+        local = {t.name for t in sub.inputs} | {o.name for n in sub.nodes for o in n.outputs}
+        for n in sub.nodes:
+            reads = [t.name for t in n.inputs if isinstance(t, gs.Variable)]
+            for name in [*reads, *outer_reads(n)]:
+                if name and name not in local and name not in found:
+                    found.append(name)
+    return found
