@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphslim.benchmarks.assets import asset_path
+from graphslim.runtime import cpu_description
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +107,8 @@ def run_cell(case: Case, pipeline: str, workdir: str) -> dict:
     if os.path.exists(out):
         os.unlink(out)
     digest = hashlib.sha256(open(case.path, "rb").read()).hexdigest()
-    args = [case.path, "-o", out, "-p", pipeline]
+    # robustness, not speed: no latency bar, and qdq calibrates on synthetic inputs
+    args = [case.path, "-o", out, "-p", pipeline, "--no-timing", "--synthetic-calibration"]
     for s in case.shapes:
         args += ["--input-shape", s]
     err = io.StringIO()
@@ -177,7 +179,7 @@ def to_markdown(rows: list[dict], command: str, seconds: float) -> str:
     from collections import Counter
 
     totals = Counter(r["status"] for r in rows)
-    cpu = _cpu()
+    cpu = cpu_description()
     lines = [
         "# Robustness matrix", "",
         f"`{command}` on {time.strftime('%Y-%m-%d')}, {cpu}, Python {platform.python_version()},"
@@ -190,22 +192,6 @@ def to_markdown(rows: list[dict], command: str, seconds: float) -> str:
         why = r["why"].replace("|", "/")
         lines.append(f"| {r['file']} | `{r['pipeline']}` | {r['status']} | {why} |")
     return "\n".join(lines) + "\n"
-
-
-def _cpu() -> str:
-    model, flags = platform.processor() or "?", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next(ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                     if ln.startswith("model name"))
-        have = set(next(ln.split(":", 1)[1].split() for ln in info.splitlines()
-                        if ln.startswith("flags")))
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-                         if f in have)
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({flags or 'no AVX2'})"
 
 
 def main(argv=None) -> int:

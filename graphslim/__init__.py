@@ -41,13 +41,21 @@ def trace(module, example_inputs, leaf_modules=()):
     return _trace(module, example_inputs, leaf_modules)
 
 
-def optimize(model, pipeline, *, data=None, inputs=None, verify: str = "each",
-             tolerance: Tolerance = Tolerance(), max_error: float | None = None,
-             inplace: bool = False, instruments=()) -> RunResult:
-    """Run a pipeline (text or list of passes) on a model from `load` or `trace`."""
+def optimize(model, pipeline, *, data=None, eval_data=None, metric=None, inputs=None,
+             verify: str = "each", tolerance: Tolerance = Tolerance(),
+             max_error: float | None = None, inplace: bool = False,
+             instruments=()) -> RunResult:
+    """Run a pipeline (text or list of passes) on a model from `load` or `trace`.
+
+    data: calibration / importance data (input name -> array, samples first); eval_data:
+    held-out data of the same form the result is judged on (fidelity per lossy pass and for
+    the run, `max_error`); metric: a callable taking the model's outputs on the judge data
+    (name -> array, samples in the data's order) and returning a number such as accuracy,
+    reported for the original, after each pass and for the result. Without eval_data the run
+    is judged on `data`, then `inputs`, then synthetic inputs, and the report says which."""
     pm = PassManager(pipeline, verify=verify, tolerance=tolerance, max_error=max_error,
                      instruments=instruments, inplace=inplace)
-    return pm.run(model, data=data, inputs=inputs)
+    return pm.run(model, data=data, inputs=inputs, eval_data=eval_data, metric=metric)
 
 
 __all__ = ["GraphslimError", "InputError", "PassError", "PipelineError", "StructureError",

@@ -31,6 +31,10 @@ class Plan:
     stats: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     details: list[dict] = field(default_factory=list)
+    #: options this run resolved from the machine or from measurement (option field -> value:
+    #: `round_to=0` -> the CPU's channel block, `choose=latency` -> the ops kept int8), so the
+    #: decided pipeline text reproduces the result elsewhere without measuring again
+    decided: dict = field(default_factory=dict)
 
     def skip(self, node: str, reason: str) -> None:
         self.skipped.append(Skip(node, reason))
@@ -49,6 +53,9 @@ class Pass:
     min_opset: ClassVar[int | None] = None
     #: nothing may run after this pass (qdq: its grids are fixed for the graph it saw)
     final: ClassVar[bool] = False
+    #: the pass is only meaningful on real calibration data (qdq): tools refuse to run it
+    #: without data unless told to use synthetic inputs
+    needs_data: ClassVar[bool] = False
 
     def plan(self, view: GraphView, analyses: AnalysisManager) -> Plan:
         raise NotImplementedError

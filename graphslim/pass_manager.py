@@ -24,6 +24,7 @@ from graphslim.errors import (
     StructureError,
     VerificationError,
 )
+from graphslim.fidelity import SYNTHETIC_WARNING, Judge
 from graphslim.frontends.base import Frontend
 from graphslim.pass_base import (  # noqa: F401  (Pass, Plan, ... re-exported for passes)
     Pass,
@@ -86,8 +87,12 @@ class PassManager:
     def text(self) -> str:
         return print_pipeline(self.pipeline)
 
-    def run(self, model: Frontend, data: Any = None,
-            inputs: dict | None = None, dry_run: bool = False) -> RunResult:
+    def run(self, model: Frontend, data: Any = None, inputs: dict | None = None,
+            dry_run: bool = False, eval_data: Any = None, metric=None) -> RunResult:
+        """`data`: calibration / importance data for the passes; `eval_data`: held-out data
+        the run is judged on (fidelity of every lossy pass and of the result against the
+        original, `max_error`); `metric`: the user's own measure, called with the model's
+        outputs on the judge data (graphslim/fidelity.py says which data is used when)."""
         if not isinstance(model, Frontend):
             hint = " (call graphslim.load(path) first)" if isinstance(model, str) else ""
             raise InputError(f"optimize takes a model from graphslim.load or graphslim.trace, "
@@ -104,6 +109,16 @@ class PassManager:
                        if self.verify != "off" else None)
         report = Report(self.text, work.name, _snapshot(work, am),
                         notes=list(work.load_notes))
+        if self.verify != "off":
+            state.judge = _judge(work, eval_data, data, inputs, feeds, metric, self.tolerance)
+            report.judged_on = state.judge.source
+            report.metric_before = state.judge.metric_before
+            if state.judge.source == "synthetic":
+                log.warning(SYNTHETIC_WARNING)
+                report.notes.append(SYNTHETIC_WARNING)
+            elif state.judge.source == "calibration":
+                report.notes.append("fidelity measured on the calibration data itself (no "
+                                    "eval_data): real inputs, but the ones passes fitted to")
         t0 = time.perf_counter()
         for p in self.pipeline:
             self._run_item(p, state, report, dry_run)
@@ -111,8 +126,11 @@ class PassManager:
             self._verify_end(state, report)
         elif self.verify == "off" and state.ran and not dry_run:
             self._check_structure(state, report)
+        if state.judge is not None:
+            report.fidelity = state.fidelity or state.judge.judge(work)
         report.seconds = time.perf_counter() - t0
         report.final = _snapshot(work, am)
+        report.decided = print_pipeline(_decided(self.pipeline, state.decided))
         return RunResult(work, report, am)
 
     def _run_item(self, item, state: _State, report: Report, dry_run: bool) -> int:
@@ -125,6 +143,8 @@ class PassManager:
                     break
             return total
         record = self._run_pass(item, state, dry_run)
+        if record.decided:
+            state.decided.setdefault(id(item), {}).update(record.decided)
         report.records.append(record)
         state.ran.append(item.name)
         return record.nodes_changed  # a fixed point is a round that changed nothing
@@ -150,7 +170,7 @@ class PassManager:
         seconds = time.perf_counter() - t0
         record = PassRecord(str(p), p.name, p.lossless, seconds, len(plan.edits), changed,
                             list(plan.skipped), dict(plan.stats), list(plan.notes),
-                            details=list(plan.details))
+                            details=list(plan.details), decided=dict(plan.decided))
         if converted:
             record.notes.insert(0, converted)
             record.nodes_changed = max(record.nodes_changed, 1)  # verified like any change
@@ -179,12 +199,24 @@ class PassManager:
         if p.lossless and not is_close(vs_prev):
             raise VerificationError(p.name, "max |after - before|", f"{vs_prev.max_abs:.3g}",
                                     str(self.tolerance), "a lossless pass changed the outputs")
-        self._check_budget(p.name, vs_orig)
         state.prev = outputs
+        state.fidelity = None
+        if not p.lossless or state.judge.metric is not None:
+            # lossy passes are judged on the judge data (eval data where given), as is every
+            # pass when the user's metric is to be reported per pass
+            state.fidelity = record.fidelity = state.judge.judge(state.model)
+            record.error_orig = vs_orig = state.fidelity.error
+            _check_finite(p.name, vs_orig)
+            if not p.lossless:  # the step's own error, on the same data
+                record.error_prev = compare(state.judged_prev or state.judge.reference,
+                                            state.judge.last_outputs, self.tolerance)
+            state.judged_prev = state.judge.last_outputs
+        self._check_budget(p.name, vs_orig, state.judge.source)
 
-    def _check_budget(self, name: str, vs_orig: ErrorMetrics) -> None:
+    def _check_budget(self, name: str, vs_orig: ErrorMetrics, source: str = "") -> None:
         if self.max_error is not None and vs_orig.rel_l2 > self.max_error:
-            raise VerificationError(name, "relative L2 error vs original",
+            on = f" (on {source} data)" if source else ""
+            raise VerificationError(name, f"relative L2 error vs original{on}",
                                     f"{vs_orig.rel_l2:.3g}", f"{self.max_error:g}")
 
     def _check_structure(self, state: _State, report: Report) -> None:
@@ -208,7 +240,9 @@ class PassManager:
         if all(r.lossless for r in report.records) and not is_close(metrics):
             raise VerificationError(name, "max |final - original|", f"{metrics.max_abs:.3g}",
                                     str(self.tolerance), "lossless pipeline changed the outputs")
-        self._check_budget(name, metrics)
+        state.fidelity = state.judge.judge(state.model)
+        _check_finite(name, state.fidelity.error)
+        self._check_budget(name, state.fidelity.error, state.judge.source)
 
 
 def _check_feeds(inputs, specs) -> dict:
@@ -240,6 +274,28 @@ def _run_original(model: Frontend, feeds: dict, given: bool) -> dict:
         raise InputError(f"the input model does not run on {what}: {exc}") from None
 
 
+def _decided(pipeline: list, decided: dict) -> list:
+    """The pipeline with what each pass resolved on this machine written into its options."""
+    import dataclasses
+
+    out = []
+    for p in pipeline:
+        if isinstance(p, Repeat):
+            out.append(Repeat(tuple(_decided(list(p.passes), decided)), p.max_iter))
+        else:
+            out.append(dataclasses.replace(p, **decided[id(p)]) if id(p) in decided else p)
+    return out
+
+
+def _judge(model, eval_data, data, inputs, feeds, metric, tolerance) -> Judge:
+    try:
+        return Judge.build(model, eval_data=eval_data, data=data, inputs=inputs,
+                           synthetic=feeds, metric=metric, tolerance=tolerance)
+    except (StructureError, ValueError, TypeError) as exc:
+        raise InputError(f"the input model does not run on the evaluation data: {exc}") \
+            from None
+
+
 def _check_finite(name: str, metrics: ErrorMetrics) -> None:
     """NaN or Inf where the reference is finite fails every pass, lossless or lossy, whatever
     max_error says: no error budget admits a model that returns NaN."""
@@ -256,6 +312,10 @@ class _State:
     original: dict | None
     prev: dict | None = None
     ran: list[str] = field(default_factory=list)
+    judge: Judge | None = None
+    fidelity: Any = None  # the judged fidelity of the model as it is now, if measured
+    judged_prev: dict | None = None  # outputs on the judge data after the last judged pass
+    decided: dict = field(default_factory=dict)  # id(pass) -> options resolved while running
 
     def __post_init__(self):
         self.prev = self.original

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from graphslim.ir import GraphView
 from graphslim.verify import ErrorMetrics
@@ -38,6 +39,8 @@ class PassRecord:
     error_prev: ErrorMetrics | None = None
     error_orig: ErrorMetrics | None = None
     verified: str = "not run"
+    fidelity: Any = None  # graphslim.fidelity.Fidelity on the judge data, where measured
+    decided: dict = field(default_factory=dict)  # options resolved on this machine
 
     def as_dict(self) -> dict:
         return {
@@ -49,6 +52,7 @@ class PassRecord:
             "after": self.after.as_dict() if self.after else None,
             "error_vs_previous": self.error_prev.as_dict() if self.error_prev else None,
             "error_vs_original": self.error_orig.as_dict() if self.error_orig else None,
+            "fidelity": self.fidelity.as_dict() if self.fidelity else None,
         }
 
 
@@ -62,35 +66,62 @@ class Report:
     final: Snapshot | None = None
     end_error: ErrorMetrics | None = None
     seconds: float = 0.0
+    judged_on: str | None = None  # eval, calibration, inputs, synthetic (None: verify=off)
+    fidelity: Any = None  # the final model against the original on the judge data
+    metric_before: float | None = None
+    decided: str = ""  # the pipeline as run, machine-dependent choices written in
+    extra: dict = field(default_factory=dict)  # what tools add (latency, decided pipeline)
 
     def skipped(self) -> list:
         return [s for r in self.records for s in r.skipped]
 
     def as_dict(self) -> dict:
-        return {"pipeline": self.pipeline, "frontend": self.frontend, "notes": self.notes,
+        return {"pipeline": self.pipeline, "decided": self.decided or self.pipeline,
+                "frontend": self.frontend, "notes": self.notes,
                 "original": self.original.as_dict(),
                 "final": self.final.as_dict() if self.final else None,
                 "passes": [r.as_dict() for r in self.records],
                 "end_error": self.end_error.as_dict() if self.end_error else None,
-                "seconds": round(self.seconds, 4)}
+                "fidelity": self.fidelity_dict(),
+                "seconds": round(self.seconds, 4), **self.extra}
+
+    def fidelity_dict(self) -> dict | None:
+        """The final model against the original: which data, how many samples, cosine, rel
+        L2, SQNR, top-1 agreement, and the user's metric before and after."""
+        if self.fidelity is None:
+            return None
+        out = self.fidelity.as_dict()
+        out["metric_before"] = self.metric_before
+        out["metric_after"] = out.pop("metric")
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2, default=str)
 
     def table(self, skipped: bool = True) -> str:
         rows = [("step", "time", "edits", "skips", "nodes", "params", "MACs", "bytes",
-                 "max|err|", "rel L2")]
+                 "max|err|", "rel L2", "on")]
         o = self.original
         rows.append(("original", "", "", "", str(o.nodes), human(o.params), human(o.macs),
-                     human(o.bytes, "B"), "", ""))
+                     human(o.bytes, "B"), "", "", ""))
         for r in self.records:
             a = r.after or o
             err = r.error_prev
+            on = r.fidelity.data if r.fidelity else ("seeded" if r.error_orig else "")
             rows.append((r.text, f"{r.seconds * 1e3:.0f} ms", str(r.edits), str(len(r.skipped)),
                          str(a.nodes), human(a.params), human(a.macs), human(a.bytes, "B"),
                          f"{err.max_abs:.2e}" if err else "-",
-                         f"{r.error_orig.rel_l2:.2e}" if r.error_orig else "-"))
+                         f"{r.error_orig.rel_l2:.2e}" if r.error_orig else "-", on))
         out = [format_rows(rows)]
+        if self.decided and self.decided != self.pipeline:
+            out.append(f"\ndecided pipeline (reproduces this run elsewhere): {self.decided}")
+        if self.fidelity is not None:
+            f = self.fidelity
+            metric = "" if self.metric_before is None else \
+                f"; metric {self.metric_before:.4g} -> {f.metric:.4g}"
+            loud = " (SYNTHETIC: says nothing about accuracy)" if f.data == "synthetic" else ""
+            out.append(f"\nfidelity vs original on {f.samples} {f.data} samples{loud}: "
+                       f"{f.brief(metric=False)}{metric}")
         if self.final is not None:
             out.append(f"\nops before: {_ops(o.op_counts)}\n"
                        f"ops after:  {_ops(self.final.op_counts)}")

@@ -116,11 +116,86 @@ def compare(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int 
     return _stats(ta), _stats(tb)
 
 
+def time_many(models: list, feeds: dict[str, np.ndarray], provider: str = "cpu",
+              threads: int | None = 1, max_time: float = 3.0, min_rounds: int = 5,
+              max_rounds: int = 200) -> list[Latency]:
+    """Latency of several ONNX models on the same feeds, timed round-robin (one call of each
+    per round, the order rotated each round) so all see the same machine load."""
+    runs = [session_runner(make_session(m, provider, "all", threads), feeds) for m in models]
+    for run in runs:
+        for _ in range(3):
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    start = time.perf_counter()
+    for r in range(max_rounds):
+        if r >= min_rounds and time.perf_counter() - start > max_time:
+            break
+        k = r % len(runs)
+        for i in [*range(k, len(runs)), *range(k)]:
+            t0 = time.perf_counter()
+            runs[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [_stats(t) for t in times]
+
+
 def session_runner(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]
                    ) -> Callable[[], object]:
     """A zero-argument callable running `sess` on fixed feeds, for measure()/compare()."""
     names = [o.name for o in sess.get_outputs()]
     return lambda: sess.run(names, feeds)
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """{"model": the CPU's model name, "isa": the flags that decide ORT's kernels (AVX2,
+    AVX-512, VNNI, AMX), "cores": logical cores}: every published timing names them, since
+    int8 and channel-block speed differ by ISA (FIELD-NOTES "Machines differ")."""
+    import os
+    import platform
+
+    model, have = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not have:
+                    have = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    model = model or platform.processor() or "unknown CPU"
+    return {"model": model, "isa": [f for f in ISA_FLAGS if f in have],
+            "cores": os.cpu_count()}
+
+
+def cpu_description() -> str:
+    info = cpu_info()
+    return f"{info['model']} ({', '.join(info['isa']) or 'no AVX2'})"
+
+
+def time_models(model_a: str | bytes, model_b: str | bytes, feeds: dict[str, np.ndarray],
+                provider: str = "cpu", threads: int | None = 1, max_time: float = 4.0,
+                repeats: int = 200) -> tuple[Latency, Latency]:
+    """Interleaved latency of two ONNX models on the same feeds (ORT, opt level ALL): at least
+    5 and up to `repeats` pairs within `max_time` seconds of timing."""
+    sa, sb = (make_session(m, provider, "all", threads) for m in (model_a, model_b))
+    return compare(session_runner(sa, feeds), session_runner(sb, feeds), warmup=3,
+                   repeats=repeats, max_time=max_time)
+
+
+def int8_weights_saturate() -> bool:
+    """Does ORT's x86 u8 x s8 integer kernel saturate here? Without VNNI (avx512_vnni /
+    avx_vnni) the products go through vpmaddubsw, whose int16 pair sums saturate with full
+    8-bit weights: ORT's docs advise reduce_range (7-bit weights) there. Measured on this AVX2
+    machine, the int8 demo CNN: 8-bit weights SQNR 8.8 dB, 7-bit 31.7 dB (deployed, ORT ALL)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    isa = set(cpu_info()["isa"])
+    return not ({"avx512_vnni", "avx_vnni"} & isa)
 
 
 def cpu_channel_block() -> int:

@@ -152,6 +152,7 @@ class PruneChannels(Pass):
 
             base = cpu_channel_block()
             plan.notes.append(f"round-to {base}: ONNX Runtime's NCHWc channel block on this CPU")
+            plan.decided["round_to"] = base  # the decided pipeline prunes the same elsewhere
         scores = self._scores(view, deps, analyses, plan, groups)
         if self.ratio:
             removed = self._select(groups, scores, self.ratio, base)

@@ -27,6 +27,7 @@ Lossy: the pass manager reports the error against the float graph. Preserves not
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 from dataclasses import dataclass
@@ -96,23 +97,32 @@ class InsertQDQ(Pass):
     lossless = False
     min_opset = 13  # per-channel DequantizeLinear (`axis`) came in opset 13
     final = True  # its grids are calibrated for the graph it saw
+    needs_data = True  # calibration on random inputs gives ranges real data does not have
     summary = "calibrated int8 quantize/dequantize insertion (ORT integer kernels)"
     method: str = "percentile"
     percentile: float = 0.9999
     samples: int = 0
-    weight_bits: int = 8
+    #: 0: decided for this CPU (7 where ORT's u8 x s8 kernel saturates, x86 without VNNI; else
+    #: 8), written into the decided pipeline text
+    weight_bits: int = 0
     per_channel: bool = True
     activations: str = "uint8"
     ops: tuple[str, ...] = DEFAULT_OPS
     exclude: tuple[str, ...] = ()
     max_error: float = 0.0
+    #: cost: int8 wherever `ops` asks; latency: int8 only where it measures faster on this
+    #: machine (passes/qdq_latency.py), the decision written back into the pipeline text
+    choose: str = "cost"
+    min_gain: float = 0.03
+    threads: int = 1  # ORT intra-op threads the latency choice is measured at (0: all cores)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown calibration method '{self.method}' "
                              f"(known: {', '.join(METHODS)})")
-        if not 2 <= self.weight_bits <= 8:
-            raise ValueError(f"weight-bits must be in 2..8, not {self.weight_bits}")
+        if self.weight_bits and not 2 <= self.weight_bits <= 8:
+            raise ValueError(f"weight-bits must be 0 (this CPU's) or in 2..8, not "
+                             f"{self.weight_bits}")
         if self.activations not in ACTIVATION_TYPES:
             raise ValueError(f"activations must be one of {ACTIVATION_TYPES}, "
                              f"not '{self.activations}'")
@@ -124,8 +134,29 @@ class InsertQDQ(Pass):
             raise ValueError(f"percentile must be in (0.5, 1], not {self.percentile}")
         if self.samples < 0 or self.max_error < 0:
             raise ValueError("samples and max-error must be >= 0")
+        if self.choose not in ("cost", "latency"):
+            raise ValueError(f"choose must be cost or latency, not '{self.choose}'")
+        if not 0 <= self.min_gain < 1 or self.threads < 0:
+            raise ValueError("min-gain must be in [0, 1) and threads >= 0")
 
     def plan(self, view: GraphView, analyses) -> Plan:
+        if not self.weight_bits:
+            from graphslim.runtime import int8_weights_saturate
+
+            bits = 7 if int8_weights_saturate() else 8
+            plan = dataclasses.replace(self, weight_bits=bits).plan(view, analyses)
+            plan.decided["weight_bits"] = bits
+            if bits == 7:
+                plan.notes.append("weight-bits 7: this CPU has no VNNI, where ORT's u8 x s8 "
+                                  "kernel saturates int16 sums with 8-bit weights")
+            return plan
+        if self.choose == "latency":
+            from graphslim.passes.qdq_latency import choose_by_latency
+
+            return choose_by_latency(self, view, analyses)
+        return self._plan(view, analyses)
+
+    def _plan(self, view: GraphView, analyses) -> Plan:
         plan = Plan()
         float_silu = "silu" not in self.ops and "silu" in view.fused_activations
         silus = _silu_pairs(view) if float_silu else {}

@@ -232,7 +232,8 @@ def test_slim_opt_prunes_and_rejects_bad_ratio(tmp_path):
 
     module, x = _torchvision("resnet18", 64)
     src = export_onnx(module, x, tmp_path / "r18.onnx")
-    base = [sys.executable, "tools/slim_opt.py", src, "-o", str(tmp_path / "out.onnx"), "-p"]
+    base = [sys.executable, "tools/slim_opt.py", src, "-o", str(tmp_path / "out.onnx"),
+            "--no-timing", "-p"]
     ok = subprocess.run(base + ["prune-channels{ratio=0.5}"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     pruned = graphslim.load(str(tmp_path / "out.onnx"))

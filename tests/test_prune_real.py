@@ -20,7 +20,7 @@ from tests.conftest import package_file
 
 def _slim_opt(src, dst, pipeline, shape, *extra):
     cmd = [sys.executable, "tools/slim_opt.py", src, "-o", str(dst), "-p", pipeline,
-           "--input-shape", shape, *extra]
+           "--input-shape", shape, "--no-timing", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(str(dst), full_check=True)

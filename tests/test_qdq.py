@@ -183,14 +183,14 @@ def test_qdq_bad_input(tmp_path):
 
 
 def test_slim_opt_calib_data_and_slim_info(tmp_path):
-    """The command line: --calib-data FILE.npz, the int8 summary of slim_info; without data the
-    tool warns that it calibrates on synthetic inputs."""
+    """The command line: --calib-data FILE.npz, the int8 summary of slim_info; without data qdq
+    is refused, and with --synthetic-calibration the tool warns that it calibrates on noise."""
     _, model = _block_model(tmp_path)
     src, calib = tmp_path / "block.onnx", tmp_path / "calib.npz"
     np.savez(calib, **_calib())
     out = tmp_path / "block_int8.onnx"
-    cmd = [sys.executable, "tools/slim_opt.py", str(src), "-o", str(out), "-p", "fold-bn,qdq",
-           "--calib-data", str(calib)]
+    cmd = [sys.executable, "tools/slim_opt.py", str(src), "-o", str(out), "-p",
+           "fold-bn,qdq{choose=cost}", "--calib-data", str(calib), "--no-timing"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "synthetic" not in proc.stderr
@@ -201,6 +201,9 @@ def test_slim_opt_calib_data_and_slim_info(tmp_path):
     cmd[cmd.index("--calib-data"):cmd.index("--calib-data") + 2] = []
     cmd[cmd.index("-o") + 1] = str(tmp_path / "synthetic.onnx")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "needs calibration data" in proc.stderr  # no data, no int8
+    proc = subprocess.run(cmd + ["--synthetic-calibration"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0 and "synthetic" in proc.stderr
 
 

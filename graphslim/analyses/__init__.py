@@ -45,6 +45,23 @@ class AnalysisManager:
         trial.apply(edits)
         return [trial.run(f) for f in feeds]
 
+    def trial_latencies(self, edit_sets: list[list], feeds: dict, threads: int | None = 1,
+                        max_time: float = 3.0) -> list | None:
+        """Latency on ONNX Runtime (CPU, opt level ALL) of the model with each edit set applied
+        to a copy (an empty set: the model as it is), all timed round-robin in one process so
+        they see the same machine load: a pass deciding by speed measures whole models in
+        context here. None where the frontend has no deployable ONNX form (fx)."""
+        from graphslim.runtime import time_many
+
+        if self.model.deployable() is None:
+            return None
+        models = []
+        for edits in edit_sets:
+            trial = self.model.copy()
+            trial.apply(edits)
+            models.append(trial.deployable())
+        return time_many(models, feeds, threads=threads, max_time=max_time)
+
     def invalidate(self, preserved: tuple[type[Analysis], ...] = ()) -> None:
         self._cache = {k: v for k, v in self._cache.items() if k in preserved}
 

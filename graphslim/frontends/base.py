@@ -57,6 +57,12 @@ class Frontend(abc.ABC):
         the cost analysis adds them."""
         return {}
 
+    def deployable(self) -> str | bytes | None:
+        """What ONNX Runtime runs for this model (serialized ONNX bytes, or a path for >2 GB
+        models), for timing in the deployment runtime; None where the frontend's model is not
+        what gets deployed as is (fx: eager torch with fake-quantize modules)."""
+        return None
+
     def weight_gradient_products(self, feeds: list[dict], labels=None) -> tuple[dict, str]:
         """w * dL/dw per parameter over the feeds, and the loss used (only where
         has_gradients)."""
@@ -80,8 +86,12 @@ class Frontend(abc.ABC):
     def input_specs(self) -> list[TensorSpec]: ...
 
     @abc.abstractmethod
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Execute on numpy inputs; outputs keyed by output name, in output order."""
+    def run(self, feeds: dict[str, np.ndarray], deployed: bool = False
+            ) -> dict[str, np.ndarray]:
+        """Execute on numpy inputs; outputs keyed by output name, in output order.
+        `deployed`: as the user will run it (ONNX: ORT at opt level all, QDQ fused into
+        integer kernels, whose rounding differs from the graph as written); judging on the
+        user's data uses it, structural verification does not."""
 
     @abc.abstractmethod
     def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:

@@ -230,8 +230,9 @@ class FxGraph(Frontend):
         with torch.no_grad(), _eval_mode(self.module):
             return _flatten(fn(*args))
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
+    def run(self, feeds: dict[str, np.ndarray], deployed: bool = False
+            ) -> dict[str, np.ndarray]:
+        try:  # eager torch is the deployed form of the user's module
             outs = self._forward(self.module, feeds)
         except Exception as exc:  # a shape mismatch inside the user's forward
             raise StructureError(f"the module's forward fails: {type(exc).__name__}: "
