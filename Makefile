@@ -32,7 +32,8 @@ demo: $(CORE)
 
 test: $(DEV)
 	$(BIN)/ruff check .
-	OMP_NUM_THREADS=1 GRAPHSLIM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" -n 2 \
+	OMP_NUM_THREADS=1 GRAPHSLIM_THREADS=1 GRAPHSLIM_TIME_BUDGET=0.2 $(BIN)/python -m pytest -q \
+		-m "not slow" -n 2 \
 		--dist loadfile --durations=15
 
 test-all: $(DEV)

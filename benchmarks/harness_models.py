@@ -1,6 +1,7 @@
 """Model sources of the benchmark harness: each gives a baseline ONNX file (BatchNorm kept), the
 torch module where there is one, one feed for latency, and evaluation samples (with labels where
-the data is real)."""
+the data is real), and calibration samples disjoint from them (every calibrating variant,
+graphslim's and the peers', gets the same ones)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class BenchModel:
     input_shape: tuple
     eval_x: np.ndarray              # samples first
     eval_y: np.ndarray | None       # labels where the data is real
+    calib_x: np.ndarray             # calibration samples, disjoint from eval_x
     module: object | None = None    # torch module (eval mode)
     example: object | None = None   # torch example input
 
@@ -62,7 +64,8 @@ def _torchvision(spec: str, workdir: str) -> BenchModel:
     example = torch.randn(1, 3, size, size)
     path = _export(module, example, os.path.join(workdir, f"{spec}.onnx"))
     x = np.random.default_rng(0).standard_normal((8, 3, size, size)).astype(np.float32)
-    return BenchModel(spec, path, "x", (1, 3, size, size), x, None, module, example)
+    calib = np.random.default_rng(1).standard_normal((32, 3, size, size)).astype(np.float32)
+    return BenchModel(spec, path, "x", (1, 3, size, size), x, None, calib, module, example)
 
 
 def _mnist(workdir: str) -> BenchModel:
@@ -71,8 +74,9 @@ def _mnist(workdir: str) -> BenchModel:
     module = mnist_cnn.trained()
     example = mnist_cnn.example()
     path = _export(module, example, os.path.join(workdir, "mnist_cnn.onnx"))
-    _, (x, y) = mnist_cnn.data()
-    return BenchModel("mnist_cnn", path, "x", (1, 1, 28, 28), x, y, module, example)
+    (train_x, _), (x, y) = mnist_cnn.data()  # calibrate on training digits, judge on held-out
+    return BenchModel("mnist_cnn", path, "x", (1, 1, 28, 28), x, y, train_x[:32], module,
+                      example)
 
 
 def _onnx_asset(name: str) -> BenchModel:
@@ -86,4 +90,5 @@ def _onnx_asset(name: str) -> BenchModel:
         path = package_file(*ORIENTATION)
         x, y = rotated_text_pages()
     input_name = onnx.load(path, load_external_data=False).graph.input[0].name
-    return BenchModel(name, path, input_name, (1, *x.shape[1:]), x, y)
+    # alternate samples: calibration and evaluation disjoint, both with every label
+    return BenchModel(name, path, input_name, (1, *x.shape[1:]), x[1::2], y[1::2], x[0::2])

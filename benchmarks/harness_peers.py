@@ -53,11 +53,11 @@ def _onnxsim(bm: BenchModel, out: str) -> None:
 
 
 class _Reader:
-    """ORT's CalibrationDataReader over the model's evaluation samples, one at a time."""
+    """ORT's CalibrationDataReader over the model's calibration samples, one at a time."""
 
     def __init__(self, bm: BenchModel, n: int = 32):
-        self.items = iter([{bm.input_name: bm.eval_x[i:i + 1]}
-                           for i in range(min(n, len(bm.eval_x)))])
+        self.items = iter([{bm.input_name: bm.calib_x[i:i + 1]}
+                           for i in range(min(n, len(bm.calib_x)))])
 
     def get_next(self):
         return next(self.items, None)
@@ -108,10 +108,16 @@ def _nncf(bm: BenchModel, out: str) -> None:
     _need("nncf", "pip install nncf")
     import nncf
     import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    data = nncf.Dataset([{bm.input_name: bm.eval_x[i:i + 1]}
-                         for i in range(min(32, len(bm.eval_x)))])
-    onnx.save(nncf.quantize(onnx.load(bm.onnx_path), data), out)
+    data = nncf.Dataset([{bm.input_name: bm.calib_x[i:i + 1]}
+                         for i in range(min(32, len(bm.calib_x)))])
+    # the same preparation ORT's quantizer gets (BatchNorms fused into the convs): NNCF's ONNX
+    # PTQ expects a model exported that way, and quantizes a kept BatchNorm's input instead
+    pre = out + ".pre.onnx"
+    quant_pre_process(bm.onnx_path, pre, skip_symbolic_shape=True)
+    onnx.save(nncf.quantize(onnx.load(pre), data), out)
+    os.remove(pre)
 
 
 __all__ = ["PEERS", "Skip", "run_peer"]

@@ -24,13 +24,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
 from graphslim.benchmarks.assets import asset_path
 from graphslim.runtime import cpu_description
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = str(resources.files("graphslim") / "data" / "demo_cnn.onnx")
 
 PIPELINES = ("fold-bn", "equalize", "fold-bn,equalize", "prune-channels{ratio=0.3}",
              "factorize", "conv-substitute", "conv-group{groups=2}", "conv-separable",
@@ -47,7 +48,7 @@ class Case:
 
 def real_files() -> list[Case]:
     """The trained ONNX models shipped inside packages (shared/ASSETS.md) and the demo."""
-    found = [Case("demo_cnn", os.path.join(ROOT, "graphslim", "data", "demo_cnn.onnx"),
+    found = [Case("demo_cnn", DEMO,
                   ("image:1,1,28,28",))]
     for name, pkg, rel, shape in [
         ("ppocr_cls (opset 11)", "rapidocr_onnxruntime",
@@ -85,7 +86,7 @@ def torchvision_files(workdir: str, names: tuple[str, ...]) -> list[Case]:
 def mutant_files(workdir: str, per_kind: int) -> list[Case]:
     from graphslim.benchmarks.mutants import KINDS, mutate
 
-    raw = open(os.path.join(ROOT, "graphslim", "data", "demo_cnn.onnx"), "rb").read()
+    raw = open(DEMO, "rb").read()
     cases = []
     for kind in KINDS:
         for seed in range(per_kind):
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="real files x 3 pipelines, 2 mutants")
     p.add_argument("--mutants", type=int, default=4, help="mutants per kind")
     p.add_argument("--torchvision", default="resnet18,mobilenet_v3_small,shufflenet_v2_x0_5")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "robustness.md"))
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "robustness.md"))
     args = p.parse_args(argv)
     import onnxruntime
 

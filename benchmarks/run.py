@@ -87,15 +87,16 @@ def make_variant(bm: BenchModel, variant: str, kind: str, workdir: str) -> dict:
     pipeline = graphslim.parse_pipeline(variant)
     model = graphslim.load(bm.onnx_path, input_shapes={bm.input_name: bm.input_shape})
     t = time.perf_counter()
-    data = {bm.input_name: bm.eval_x[:32]}  # calibration: the samples ORT's quantizer gets
-    result = graphslim.PassManager(pipeline, verify="end").run(model, data=data)
+    data = {bm.input_name: bm.calib_x[:32]}  # calibration: the samples ORT's quantizer gets
+    result = graphslim.PassManager(pipeline, verify="end").run(
+        model, data=data, eval_data={bm.input_name: bm.eval_x})
     seconds = time.perf_counter() - t
     result.model.save(out)
     module = None
     if bm.module is not None:
         traced = graphslim.trace(bm.module, bm.example)
         fx_result = graphslim.PassManager(pipeline, verify="off").run(
-            traced, data={traced.view().inputs[0]: bm.eval_x[:32]})
+            traced, data={traced.view().inputs[0]: bm.calib_x[:32]})
         module = fx_result.model.module
     return {"path": out, "seconds": seconds, "module": module}
 
@@ -309,7 +310,10 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     rows = run(matrix, args.out, use_cache=not args.no_cache)
     command = "slim-benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
+    from graphslim.runtime import cpu_description
+
+    machine = (f"{cpu_description()}, {platform.machine()}, {os.cpu_count()} cores, "
+               f"{platform.platform()}")
     md = output.write_all(rows, args.out, command, machine, time.perf_counter() - t)
     if args.results_md:  # the committed copy: markdown plus its plots beside it
         folder = os.path.dirname(os.path.abspath(args.results_md))

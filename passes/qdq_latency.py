@@ -27,11 +27,9 @@ from graphslim.runtime import cpu_description
 from graphslim.verify import make_inputs
 
 
-def regions(q, view: GraphView) -> dict[str, list[str]]:
+def regions(q, view: GraphView, op_class) -> dict[str, list[str]]:
     """Region -> node names the plan as configured would quantize: the op class of each node
-    (conv, linear, add, ...), with depthwise convs as `dwconv`."""
-    from graphslim.passes.qdq import op_class
-
+    (conv, linear, add, ...; qdq's `op_class`), with depthwise convs as `dwconv`."""
     out: dict[str, list[str]] = {}
     for n in view.nodes():
         cls = op_class(n)
@@ -58,12 +56,13 @@ def _without(q, region: str, names: list[str]):
     return dataclasses.replace(q, ops=ops) if ops else None
 
 
-def choose_by_latency(q, view: GraphView, analyses) -> Plan:
-    """The plan of the fastest configuration measured (q: an InsertQDQ with choose=latency)."""
+def choose_by_latency(q, view: GraphView, analyses, op_class) -> Plan:
+    """The plan of the fastest configuration measured (q: an InsertQDQ with choose=latency;
+    op_class: qdq's node -> op class)."""
     base = dataclasses.replace(q, choose="cost", max_error=0.0)
     feeds = make_inputs(analyses.model.input_specs(), 0)
     threads = q.threads if q.threads > 0 else None
-    found = regions(base, view)
+    found = regions(base, view, op_class)
     variants = {"float": None, "int8": base}
     for region, names in found.items():
         cfg = _without(base, region, names)
@@ -73,7 +72,8 @@ def choose_by_latency(q, view: GraphView, analyses) -> Plan:
         variants["int8 with silu"] = dataclasses.replace(base, ops=(*base.ops, "silu"))
     plans = {k: (v._plan(view, analyses) if v is not None else Plan())
              for k, v in variants.items()}
-    lat = analyses.trial_latencies([p.edits for p in plans.values()], feeds, threads)
+    lat = analyses.trial_latencies([p.edits for p in plans.values()], feeds, threads,
+                                   max_time=5.0)
     if lat is None:
         plan = dataclasses.replace(q, choose="cost")._plan(view, analyses)
         plan.notes.append("choose=latency needs a model ONNX Runtime runs as is (the ONNX "
@@ -90,7 +90,8 @@ def choose_by_latency(q, view: GraphView, analyses) -> Plan:
     confirm = {"float": Plan(), "int8": plans["int8"]}
     if best != base:
         confirm["chosen"] = best._plan(view, analyses)
-    again = analyses.trial_latencies([p.edits for p in confirm.values()], feeds, threads)
+    again = analyses.trial_latencies([p.edits for p in confirm.values()], feeds, threads,
+                                     max_time=5.0)
     ms2 = {k: t.median * 1e3 for k, t in zip(confirm, again)}
     pick = min((k for k in ms2 if k != "float"), key=ms2.get)
     chosen = best if pick == "chosen" else base

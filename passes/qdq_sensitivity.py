@@ -32,7 +32,7 @@ def keep_float(edits_for, analyses, chosen, max_error: float, plan: Plan) -> set
     """Names of the layers to keep float; `edits_for(subset)` is qdq's plan quantizing only
     those nodes, run as a trial by the engine (AnalysisManager.trial_outputs)."""
     feeds = _feeds(analyses)
-    refs = [analyses.model.run(f) for f in feeds]
+    refs = [analyses.model.run(f, deployed=True) for f in feeds]
     ref = {str(i): v for i, r in enumerate(refs) for v in r.values()}
 
     def error(subset) -> float:
@@ -76,6 +76,22 @@ def keep_float(edits_for, analyses, chosen, max_error: float, plan: Plan) -> set
         plan.notes.append("sensitivity: the budget is not met even with every layer float "
                           "(the error comes from other quantized ops)")
     return {n.name for n in kept}
+
+
+def weight_bits_by_error(plans: dict[int, Plan], analyses) -> tuple[int, dict[int, float]]:
+    """The weight width whose plan gives the deployed model (ORT at opt level all: the integer
+    kernels as they run on this CPU) the highest SQNR against the float model on calibration
+    samples; ties go to more bits. Returns (bits, SQNR in dB by bits)."""
+    feeds = _feeds(analyses)
+    refs = [analyses.model.run(f, deployed=True) for f in feeds]
+    ref = {str(i): v for i, r in enumerate(refs) for v in r.values()}
+    sqnr = {}
+    for bits, plan in plans.items():
+        outs = analyses.trial_outputs(plan.edits, feeds)
+        sqnr[bits] = compare(ref, {str(i): v for i, o in enumerate(outs)
+                                   for v in o.values()}).sqnr_db
+    best = max(sorted(plans, reverse=True), key=lambda b: sqnr[b])
+    return best, sqnr
 
 
 def _feeds(analyses) -> list[dict[str, np.ndarray]]:

@@ -177,3 +177,26 @@ def test_cli_does_not_write_a_result_below_the_speed_bar(tmp_path):
     assert json.loads(rep.read_text())["written"] is False
     allowed = _slim_opt("-o", out, "-p", "fold-bn", "--min-speedup", "50", "--allow-slower")
     assert allowed.returncode == 0 and out.exists()
+
+
+def test_weight_bits_are_chosen_by_the_deployed_error(digits):
+    """weight-bits=0 (default): where ORT's u8 x s8 kernel saturates (x86 without VNNI) both 8
+    and 7 bits are tried as deployed and the closer one kept; elsewhere 8. Either way the
+    choice is in the decided pipeline, and the deployed fidelity on held-out digits is high."""
+    import re
+
+    from graphslim.runtime import int8_weights_saturate
+
+    x, _ = digits
+    model = graphslim.load(MODEL, input_shapes=SHAPE)
+    result = graphslim.optimize(model, "fold-bn,qdq", data={"image": x[:200]},
+                                eval_data={"image": x[600:]})
+    bits = result.report.records[-1].decided["weight_bits"]
+    assert f"weight-bits={bits}" in result.report.decided
+    if int8_weights_saturate():
+        note = next(n for n in result.report.records[-1].notes if n.startswith("weight-bits"))
+        sqnr = {int(b): float(v) for b, v in re.findall(r"(\d) bits (-?[\d.]+) dB", note)}
+        assert bits == max(sqnr, key=sqnr.get)
+    else:
+        assert bits == 8
+    assert result.report.fidelity.error.cosine > 0.99

@@ -33,7 +33,7 @@ def _bytes(model) -> bytes:
     return model.to_proto().SerializeToString()
 
 
-def check(args, input_path: str, model, keep: KeepModels | None, feeds: dict, report
+def check_speed(args, input_path: str, model, keep: KeepModels | None, feeds: dict, report
           ) -> str | None:
     """Time input vs result; record report.extra["latency"]; return why the result is refused
     (slower beyond tolerance and no --allow-slower), else None."""
@@ -86,7 +86,7 @@ def _slowest_pass(args, keep: KeepModels, feeds: dict, threads) -> str | None:
     return f"'{worst[1]}' slowed it most ({worst[0]:.2f}x against the model before it)"
 
 
-def describe(lat: dict) -> str:
+def describe_latency(lat: dict) -> str:
     return (f"\nlatency on {lat['runtime']}, {lat['threads']} thread(s), {lat['cpu']} "
             f"({', '.join(lat['isa']) or 'no AVX2'}): {lat['before_ms']:.3f} ms -> "
             f"{lat['after_ms']:.3f} ms ({lat['speedup']:.2f}x, median of {lat['pairs']} "

@@ -31,7 +31,6 @@ import numpy as np
 import graphslim
 from graphslim.pass_base import flatten
 from graphslim.report import PrintIRAfter, format_rows
-from graphslim.tools import _latency as latency
 from graphslim.tools._common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -42,6 +41,7 @@ from graphslim.tools._common import (
     run_tool,
     setup_logging,
 )
+from graphslim.tools._latency import KeepModels, check_speed, describe_latency
 from graphslim.verify import make_inputs
 
 
@@ -160,7 +160,7 @@ def _run(args) -> int:
         check_output(args.json, (*sources, args.output), "--json file")
     model = load_model(args.input, args.input_shape)
     timing = not (args.no_timing or args.dry_run)
-    keep = latency.KeepModels() if timing else None
+    keep = KeepModels() if timing else None
     instruments = [PrintIRAfter(args.print_ir_after)] if args.print_ir_after else []
     pm = graphslim.PassManager(pipeline, verify=args.verify, max_error=args.max_error,
                                seed=args.seed, instruments=[*instruments, *filter(None, [keep])],
@@ -172,10 +172,10 @@ def _run(args) -> int:
     report.notes[:0] = notes
     slower = None
     if timing:
-        slower = latency.check(args, args.input, result.model, keep, feeds, report)
+        slower = check_speed(args, args.input, result.model, keep, feeds, report)
     print(report.table())
     if timing:
-        print(latency.describe(report.extra["latency"]))
+        print(describe_latency(report.extra["latency"]))
     if args.stats:
         for r in report.records:
             print(f"stats {r.text}: {json.dumps(r.stats)}")

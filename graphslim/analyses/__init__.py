@@ -38,12 +38,15 @@ class AnalysisManager:
             self.computed[kind.name] += 1
         return self._cache[kind]
 
-    def trial_outputs(self, edits: list, feeds: list[dict]) -> list[dict]:
+    def trial_outputs(self, edits: list, feeds: list[dict], deployed: bool = True
+                      ) -> list[dict]:
         """The outputs of a copy of the model with `edits` applied, for each feed: a pass
-        weighing options (qdq's sensitivity mode) tries them here, never on the model itself."""
+        weighing options (qdq's sensitivity mode) tries them here, never on the model itself.
+        `deployed`: run as the user will (ORT at opt level all: int8 through the integer
+        kernels of this CPU), which is the error that matters."""
         trial = self.model.copy()
         trial.apply(edits)
-        return [trial.run(f) for f in feeds]
+        return [trial.run(f, deployed=deployed) for f in feeds]
 
     def trial_latencies(self, edit_sets: list[list], feeds: dict, threads: int | None = 1,
                         max_time: float = 3.0) -> list | None:
