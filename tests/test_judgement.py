@@ -200,3 +200,21 @@ def test_weight_bits_are_chosen_by_the_deployed_error(digits):
     else:
         assert bits == 8
     assert result.report.fidelity.error.cosine > 0.99
+
+
+def test_qdq_latency_choice_on_fx_says_it_chose_by_cost(digits):
+    """The fx frontend's model is eager torch with fake-quantize modules, not what ORT runs:
+    choose=latency cannot time it, and says so instead of pretending."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    x, _ = digits
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 26 * 26, 10))
+    model = graphslim.trace(net.eval(), torch.from_numpy(x[:1]))
+    name = model.view().inputs[0]
+    result = graphslim.optimize(model, "qdq{choose=latency}", data={name: x[:32]},
+                                eval_data={name: x[500:600]})
+    notes = result.report.records[-1].notes
+    assert any("chose by cost" in n for n in notes)
+    assert result.report.records[-1].stats["int8_conv"] == 1
+    assert result.report.fidelity.data == "eval" and result.report.fidelity.error.cosine > 0.99
