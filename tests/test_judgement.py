@@ -167,6 +167,15 @@ def test_cli_holds_out_eval_data_and_reports_latency(calib_npz, tmp_path):
     onnx.checker.check_model(onnx.load(out), full_check=True)
 
 
+def test_cli_refuses_an_absent_provider_before_any_work(tmp_path):
+    from graphslim.runtime import available_providers
+
+    if "cuda" in available_providers():
+        pytest.skip("this machine has CUDA")
+    proc = _slim_opt("-o", tmp_path / "q.onnx", "-p", "fold-bn", "--provider", "cuda")
+    assert proc.returncode == 2 and "--provider cuda: not available" in proc.stderr
+
+
 def test_cli_does_not_write_a_result_below_the_speed_bar(tmp_path):
     """--min-speedup sets the bar (default 0.95x the input); set above what any pass reaches,
     the result is refused: exit 1, nothing written, the pass that fell shortest named."""

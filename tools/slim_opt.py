@@ -158,8 +158,15 @@ def _run(args) -> int:
         check_output(args.output, sources)
     if args.json:
         check_output(args.json, (*sources, args.output), "--json file")
-    model = load_model(args.input, args.input_shape)
     timing = not (args.no_timing or args.dry_run)
+    if timing:
+        from graphslim.runtime import available_providers
+
+        if args.provider not in available_providers():
+            raise graphslim.InputError(
+                f"--provider {args.provider}: not available in this onnxruntime build "
+                f"(available: {', '.join(available_providers())}); --no-timing skips timing")
+    model = load_model(args.input, args.input_shape)
     keep = KeepModels() if timing else None
     instruments = [PrintIRAfter(args.print_ir_after)] if args.print_ir_after else []
     pm = graphslim.PassManager(pipeline, verify=args.verify, max_error=args.max_error,
