@@ -214,7 +214,8 @@ def main(argv=None) -> int:
         rows = matrix(cases, pipelines, work)
         rows += matrix(mutant_files(work, 2 if args.quick else args.mutants), ("fold-bn",),
                        work)
-    command = "python -m graphslim.benchmarks.robustness" + (" --quick" if args.quick else "")
+    command = " ".join(["python -m graphslim.benchmarks.robustness",
+                        *(argv if argv is not None else sys.argv[1:])])
     md = to_markdown(rows, command, time.perf_counter() - t0)
     with open(args.out, "w") as f:
         f.write(md)
