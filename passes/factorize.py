@@ -46,6 +46,9 @@ from graphslim.sites import measure_chain
 METHODS = ("auto", "svd", "tucker2", "cp", "spatial-svd")
 _BUDGET_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 
+#: the `layers` option -> the kind it keeps
+_LAYER_KINDS = {"conv": OpKind.CONV, "linear": OpKind.LINEAR}
+
 
 @dataclass(frozen=True)
 class _Site:
@@ -97,7 +100,7 @@ class FactorizeLowRank(Pass):
         if not 0 <= self.target_macs < 1:
             raise ValueError(f"target-macs must be in [0, 1) (a fraction of the model's MACs), "
                              f"not {self.target_macs}")
-        if self.layers not in ("all", "conv", "linear"):
+        if self.layers != "all" and self.layers not in _LAYER_KINDS:
             raise ValueError(f"layers must be all, conv or linear, not '{self.layers}'")
         if self.round_to < 1:
             raise ValueError("round-to must be >= 1")
@@ -136,7 +139,7 @@ class FactorizeLowRank(Pass):
         return plan
 
     def _wanted(self, node: Node) -> bool:
-        if self.layers != "all" and node.kind.value != self.layers:
+        if self.layers != "all" and node.kind is not _LAYER_KINDS[self.layers]:
             return False
         return not any(fnmatch.fnmatch(node.name, p) for p in self.exclude)
 

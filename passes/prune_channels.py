@@ -46,7 +46,7 @@ from graphslim.analyses.channels import (
 )
 from graphslim.analyses.cost import Cost
 from graphslim.edits import Edit, SetAttr, SliceParam
-from graphslim.ir import WEIGHTED, GraphView
+from graphslim.ir import WEIGHTED, GraphView, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
 from graphslim.passes import prune_math as pm
 
@@ -212,8 +212,8 @@ class PruneChannels(Pass):
             if not isinstance(site, ParamSite):
                 continue
             node = view.node(site.node)
-            if self.criterion == "bn-scale" and site.role == "scale" and node.kind.value in (
-                    "batchnorm",):
+            if self.criterion == "bn-scale" and site.role == "scale" and \
+                    node.kind is OpKind.BATCHNORM:
                 pm.accumulate(deps.units_of(site.ids), np.abs(view.param(site.node, "scale")),
                               bn, normalize=False)
             if node.kind in WEIGHTED and site.role == "weight":

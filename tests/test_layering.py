@@ -130,6 +130,9 @@ def _spelling_reads(path: pathlib.Path) -> list[str]:
             sides = [node.left, *node.comparators]
             if any(isinstance(s, ast.Attribute) and s.attr == "op" for s in sides):
                 found.append(f"{path.name}:{node.lineno} compares .op")
+            if any(isinstance(s, ast.Attribute) and s.attr == "value" and
+                   isinstance(s.value, ast.Attribute) and s.value.attr == "kind" for s in sides):
+                found.append(f"{path.name}:{node.lineno} compares .kind.value (a string)")
         key = None
         if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
             key = node.slice.value
@@ -152,8 +155,9 @@ def test_passes_and_analyses_read_meaning_not_spelling():
 
 def test_the_spelling_check_sees_op_compares(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("if node.op == 'Slice' or n.attrs.get('args'):\n    pass\n")
-    assert len(_spelling_reads(probe)) == 2
+    probe.write_text("if node.op == 'Slice' or n.attrs.get('args'):\n    pass\n"
+                     "if node.kind.value in ('batchnorm',):\n    pass\n")
+    assert len(_spelling_reads(probe)) == 3
 
 
 def test_no_module_over_about_400_lines():
