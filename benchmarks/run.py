@@ -115,14 +115,14 @@ def fidelity(bm: BenchModel, base: dict, path: str) -> dict:
     n = len(bm.eval_x) if bm.eval_y is not None else 8
     if "outputs" not in base:  # the baseline's outputs, once per model
         base["outputs"] = _outputs(base["path"], bm, n)
+    from graphslim.fidelity import agreement
+    from graphslim.verify import compare
+
     ref, got = base["outputs"], _outputs(path, bm, n)
-    ref64, got64 = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-    cos = float(ref64 @ got64 / max(np.linalg.norm(ref64) * np.linalg.norm(got64), 1e-30))
-    noise = float(np.sum((ref64 - got64) ** 2))
-    sqnr = float(10 * np.log10(np.sum(ref64 ** 2) / noise)) if noise > 0 else float("inf")
-    agree = float(np.mean(ref.reshape(len(ref), -1).argmax(1) == got.reshape(len(got), -1)
-                          .argmax(1)))
-    row = {"cosine": cos, "sqnr_db": sqnr, "top1_agree": agree}
+    err = compare({"y": ref}, {"y": got})
+    agree = agreement({"y": ref.reshape(len(ref), -1)}, {"y": got.reshape(len(got), -1)})
+    row = {"cosine": err.cosine, "sqnr_db": err.sqnr_db,
+           "top1_agree": agree if agree is not None else float("nan")}
     if bm.eval_y is not None:
         row["accuracy"] = float(np.mean(got.reshape(len(got), -1).argmax(1) == bm.eval_y[:n]))
         row["accuracy_base"] = float(np.mean(ref.reshape(len(ref), -1).argmax(1)

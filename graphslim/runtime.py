@@ -192,9 +192,8 @@ def time_models(model_a: str | bytes, model_b: str | bytes, feeds: dict[str, np.
                 repeats: int = 200) -> tuple[Latency, Latency]:
     """Interleaved latency of two ONNX models on the same feeds (ORT, opt level ALL): at least
     5 and up to `repeats` pairs within `max_time` seconds of timing."""
-    sa, sb = (make_session(m, provider, "all", threads) for m in (model_a, model_b))
-    return compare(session_runner(sa, feeds), session_runner(sb, feeds), warmup=3,
-                   repeats=repeats, max_time=max_time * timing_scale())
+    return tuple(time_many([model_a, model_b], feeds, provider, threads, max_time,
+                           max_rounds=repeats))
 
 
 def int8_weights_saturate() -> bool:
@@ -214,12 +213,7 @@ def cpu_channel_block() -> int:
     """Channel block of ONNX Runtime's NCHWc CPU kernels on this machine (MLAS: 16 floats with
     AVX-512, else 8): convs whose channel counts are multiples of it stay in the blocked layout
     (FIELD-NOTES: off-multiple counts made pruned models slower than the original)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return 8
-    return 16 if " avx512f" in flags else 8
+    return 16 if "avx512f" in cpu_info()["isa"] else 8
 
 
 

@@ -106,7 +106,7 @@ def choose_by_latency(q, view: GraphView, analyses, op_class) -> Plan:
     else:
         final = dataclasses.replace(chosen, choose="cost", max_error=q.max_error)
         plan = final._plan(view, analyses)
-        kept = [r for r in found if r in slower and (pick == "chosen")]
+        kept = slower if pick == "chosen" else []
         plan.notes.append(f"choose=latency on {where}: float {ms2['float']:.3f} ms, int8 "
                           f"{ms2['int8']:.3f} ms" + (f", chosen {ms2['chosen']:.3f} ms"
                                                     if "chosen" in ms2 else "")

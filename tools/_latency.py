@@ -29,8 +29,8 @@ class KeepModels:
             self.models.append((record.text, _bytes(model)))
 
 
-def _bytes(model) -> bytes:
-    return model.to_proto().SerializeToString()
+def _bytes(model) -> bytes | str:
+    return model.deployable()  # serialized once per model version (a path for > 2 GB)
 
 
 def check_speed(args, input_path: str, model, keep: KeepModels | None, feeds: dict, report

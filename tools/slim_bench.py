@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from graphslim.fidelity import agreement
 from graphslim.runtime import compare, make_session, session_runner
 from graphslim.tools._common import (
     EXIT_OK,
@@ -47,15 +48,12 @@ def _run(args) -> int:
             for s in sessions]
     metrics = compare_outputs(outs[0], outs[1])
     la, lb = compare(*(session_runner(s, feeds) for s in sessions), repeats=args.repeats)
-    first = next(iter(outs[0]))
-    a, b = outs[0][first], outs[1][first]
-    top1 = float((a.reshape(a.shape[0], -1).argmax(1) == b.reshape(b.shape[0], -1).argmax(1))
-                 .mean()) if a.ndim >= 2 else float("nan")
+    top1 = agreement(outs[0], outs[1])  # None where the first output has no class axis
     print(f"provider {args.provider}, threads {args.threads}, opt level {args.opt_level}")
     print(f"baseline:  {la}\ncandidate: {lb}\nspeedup:   {la.median / lb.median:.3f}x")
     print(f"outputs:   max|diff| {metrics.max_abs:.3e}, rel L2 {metrics.rel_l2:.3e}, "
           f"cosine {metrics.cosine:.6f}, SQNR {metrics.sqnr_db:.1f} dB, "
-          f"top-1 agreement {top1:.3f}")
+          "top-1 agreement " + (f"{top1:.3f}" if top1 is not None else "n/a"))
     return EXIT_OK
 
 
