@@ -93,6 +93,7 @@ class Judge:
         self.metric = metric
         self.tolerance = tolerance
         self.samples = samples
+        self.last_outputs: dict | None = None  # of the model judged last (judge())
         self.reference = self.outputs(model)
         self.metric_before = self._metric(self.reference)
 

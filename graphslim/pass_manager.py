@@ -111,7 +111,6 @@ class PassManager:
                         notes=list(work.load_notes))
         if self.verify != "off":
             state.judge = _judge(work, eval_data, data, inputs, feeds, metric, self.tolerance)
-            report.judged_on = state.judge.source
             report.metric_before = state.judge.metric_before
             if state.judge.source == "synthetic":
                 log.warning(SYNTHETIC_WARNING)

@@ -66,11 +66,16 @@ class Report:
     final: Snapshot | None = None
     end_error: ErrorMetrics | None = None
     seconds: float = 0.0
-    judged_on: str | None = None  # eval, calibration, inputs, synthetic (None: verify=off)
     fidelity: Any = None  # the final model against the original on the judge data
     metric_before: float | None = None
     decided: str = ""  # the pipeline as run, machine-dependent choices written in
     extra: dict = field(default_factory=dict)  # what tools add (latency, decided pipeline)
+
+    @property
+    def judged_on(self) -> str | None:
+        """eval, calibration, inputs or synthetic: the data the fidelity is measured on (None
+        with verify=off)."""
+        return self.fidelity.data if self.fidelity is not None else None
 
     def skipped(self) -> list:
         return [s for r in self.records for s in r.skipped]
