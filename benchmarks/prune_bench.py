@@ -28,9 +28,9 @@ import torchvision
 
 import graphslim
 from graphslim.analyses.channels import build_channel_deps
+from graphslim.benchmarks.assets import export_onnx
 from graphslim.runtime import compare, make_session, session_runner
 from graphslim.verify import make_inputs
-from tests.conftest import export_onnx
 
 SPEED_MODELS = ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "efficientnet_b0",
                 "regnet_y_400mf", "densenet121", "convnext_tiny"]

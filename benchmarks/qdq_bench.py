@@ -52,7 +52,7 @@ def _resnet50(tmp: str) -> str:
     import torch
     import torchvision
 
-    from tests.conftest import export_onnx
+    from graphslim.benchmarks.assets import export_onnx
 
     torch.manual_seed(0)
     return export_onnx(torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224),

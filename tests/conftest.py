@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import graphslim  # noqa: E402
+from graphslim.benchmarks.assets import export_onnx, require  # noqa: E402
 
 FP32 = graphslim.Tolerance(rtol=1e-4, atol=1e-5)
 
@@ -27,17 +28,6 @@ def randomize_bn(module, seed: int = 0, negative_scales: bool = True):
                 m.weight.data.copy_((torch.rand(c, generator=g) + 0.5) * sign)
                 m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
     return module
-
-
-def export_onnx(module, example, path, input_names=("x",), opset=17):
-    """TorchScript export keeping BatchNormalization (no constant folding), eval mode."""
-    was_training = module.training
-    module.eval()
-    args = example if isinstance(example, tuple) else (example,)
-    torch.onnx.export(module, args, str(path), input_names=list(input_names),
-                      opset_version=opset, dynamo=False, do_constant_folding=False)
-    module.train(was_training)
-    return str(path)
 
 
 def make_model(frontend: str, module, example, tmp_path, name="model"):
@@ -77,11 +67,6 @@ def frontend(request):
 
 
 def package_file(package: str, relpath: str) -> str:
-    """A data file inside an installed package (benchmarks.assets.asset_path); the test is
-    skipped when the asset package is not installed."""
-    from graphslim.benchmarks.assets import asset_path
-
-    path = asset_path(package, relpath)
-    if path is None:
-        pytest.skip(f"test asset {relpath} of package '{package}' is not installed")
-    return path
+    """A data file inside an installed package; the test is skipped (AssetMissing is a
+    unittest.SkipTest) when the asset package is not installed."""
+    return require(package, relpath)

@@ -216,7 +216,7 @@ def test_conv_group_folds_its_reordering_exactly(frontend, tmp_path):
 def test_conv_group_error_falls_as_groups_fall():
     """On the trained MNIST CNN (real digits): fewer groups, less weight and output error and
     better accuracy; one epoch of fine-tuning recovers most of it (reported)."""
-    from tests import mnist_cnn
+    from graphslim.benchmarks import mnist_cnn
     net = mnist_cnn.trained()
     base = mnist_cnn.accuracy(net)
     model = graphslim.trace(net, mnist_cnn.example())
@@ -293,8 +293,8 @@ def test_block_penalty_prepares_conv_group():
     """Group-lasso over off-diagonal tiles (fine-tuning 2 epochs on real digits) moves the MNIST
     CNN's convs to 4 blocks: conv-group then drops little weight and keeps the accuracy
     without fine-tuning afterwards (the same grouping of the plain trained CNN: chance)."""
+    from graphslim.benchmarks import mnist_cnn
     from graphslim.frontends.fx_regularize import block_penalty
-    from tests import mnist_cnn
     net = mnist_cnn.trained()
     base = mnist_cnn.accuracy(net)
     pipeline = "fold-bn,conv-group{groups=4,exclude=_0}"

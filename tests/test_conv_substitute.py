@@ -147,7 +147,7 @@ def test_separable_budget_skips_with_reason(frontend, tmp_path):
 
 
 def test_separable_mnist_accuracy_after_finetune():
-    from tests import mnist_cnn
+    from graphslim.benchmarks import mnist_cnn
     net = mnist_cnn.trained()
     base = mnist_cnn.accuracy(net)
     result = graphslim.optimize(graphslim.trace(net, mnist_cnn.example()),

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import graphslim
 from graphslim.analyses import AnalysisManager
 from graphslim.analyses.cost import Cost
-from tests.conftest import export_onnx
+from graphslim.benchmarks.assets import export_onnx
 
 
 def _torch_macs(module, x) -> int:

@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 import graphslim
+from graphslim.benchmarks import mnist_cnn
 from graphslim.passes import lowrank_math as lr
-from tests import mnist_cnn
 from tests.conftest import FP32, assert_matches_torch, count_ops, make_model
 
 FULL = "force=true,round-to=1,rank=1.0"

@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 import graphslim
+from graphslim.benchmarks.assets import PPOCR_CLS, text_line_crops
 from graphslim.runtime import make_session
-from tests.assets import PPOCR_CLS, text_line_crops
 from tests.conftest import (
     FP32,
     assert_matches_torch,

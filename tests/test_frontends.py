@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import graphslim
+from graphslim.benchmarks.assets import export_onnx
 from graphslim.frontends import onnx as onnx_frontend
 from graphslim.runtime import available_providers, make_session
-from tests.conftest import count_ops, export_onnx, randomize_bn
+from tests.conftest import count_ops, randomize_bn
 
 
 class DataDependent(nn.Module):

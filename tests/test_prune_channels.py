@@ -18,8 +18,8 @@ from torch import nn
 import graphslim
 from graphslim.analyses.channels import build_channel_deps
 from graphslim.analyses.cost import compute_cost
+from graphslim.benchmarks import mnist_cnn
 from graphslim.verify import make_inputs
-from tests import mnist_cnn
 from tests.conftest import make_model, randomize_bn
 from tests.prune_helpers import prune_dead_and_compare
 
@@ -228,7 +228,7 @@ def test_slim_opt_prunes_and_rejects_bad_ratio(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import export_onnx
+    from graphslim.benchmarks.assets import export_onnx
 
     module, x = _torchvision("resnet18", 64)
     src = export_onnx(module, x, tmp_path / "r18.onnx")

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 
 import graphslim
+from graphslim.benchmarks.assets import ORIENTATION, YOLOV8N, rotated_text_pages
 from graphslim.runtime import compare, make_session, session_runner
-from tests.assets import ORIENTATION, YOLOV8N, rotated_text_pages
 from tests.conftest import package_file
 
 

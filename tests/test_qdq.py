@@ -14,11 +14,12 @@ from torch import nn
 
 import graphslim
 from graphslim.analyses.calibration import Histogram, calibrate_range, grid
+from graphslim.benchmarks.assets import export_onnx
 from graphslim.errors import InputError, PipelineError
 from graphslim.passes import qdq_math as qm
 from graphslim.runtime import int8_kernels
 from graphslim.verify import compare
-from tests.conftest import export_onnx, randomize_bn
+from tests.conftest import randomize_bn
 
 
 class Block(nn.Module):

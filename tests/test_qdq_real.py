@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 import graphslim
+from graphslim.benchmarks import mnist_cnn
+from graphslim.benchmarks.assets import ORIENTATION, export_onnx, rotated_text_pages
 from graphslim.runtime import int8_kernels, make_session
-from tests import mnist_cnn
-from tests.assets import ORIENTATION, rotated_text_pages
-from tests.conftest import export_onnx, package_file
+from tests.conftest import package_file
 
 
 def _predict(model, x, name):

@@ -63,7 +63,7 @@ def test_qdq_below_opset_13_converts(verify, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from tests.assets import PPOCR_CLS, text_line_crops
+    from graphslim.benchmarks.assets import PPOCR_CLS, text_line_crops
 
     x, _ = text_line_crops()
     model = graphslim.load(package_file(*PPOCR_CLS), input_shapes={"x": (1, 3, 48, 192)})
@@ -173,7 +173,7 @@ def test_conv_group_on_real_orientation_classifier():
     (AttributeError: 'str' object has no attribute 'edits'): a channel reordering that could not
     be done was used as if it had been planned. Now such a conv keeps that order or is skipped
     with the reason, and the rest is grouped."""
-    from tests.assets import ORIENTATION
+    from graphslim.benchmarks.assets import ORIENTATION
 
     model = graphslim.load(package_file(*ORIENTATION), input_shapes={"x": (1, 3, 224, 224)})
     result = graphslim.optimize(model, "fold-bn,conv-group{groups=2}")
@@ -418,7 +418,7 @@ def test_cost_after_qdq_counts_int8_layers(frontend, tmp_path):
 
 
 def test_cost_after_qdq_real_ppocr_classifier():
-    from tests.assets import PPOCR_CLS, text_line_crops
+    from graphslim.benchmarks.assets import PPOCR_CLS, text_line_crops
 
     x, _ = text_line_crops()
     model = graphslim.load(package_file(*PPOCR_CLS), input_shapes={"x": (1, 3, 48, 192)})

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import export_onnx, randomize_bn
+from graphslim.benchmarks.assets import export_onnx
+from tests.conftest import randomize_bn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

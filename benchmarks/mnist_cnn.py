@@ -1,5 +1,6 @@
-"""A small CNN trained on real MNIST digits inside the tests (seconds on the CPU): the way to
-measure accuracy retention after compression (train, compress, fine-tune briefly, evaluate)."""
+"""A small CNN trained on real MNIST digits inside the tests and the harness (seconds on the
+CPU): the way to measure accuracy retention after compression (train, compress, fine-tune
+briefly, evaluate)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tests.assets import mnist5k
+from graphslim.benchmarks.assets import mnist5k
 
 _DATA = None
 
