@@ -29,6 +29,10 @@ class KeepModels:
             self.models.append((record.text, _bytes(model)))
 
 
+def _sig(x: float, digits: int = 6) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 def _bytes(model) -> bytes | str:
     return model.deployable()  # serialized once per model version (a path for > 2 GB)
 
@@ -56,9 +60,11 @@ def check_speed(args, input_path: str, model, keep: KeepModels | None, feeds: di
         speedup = before.median / after.median
     cpu = cpu_info()
     report.extra["latency"] = {
-        "before_ms": round(before.median * 1e3, 4), "after_ms": round(after.median * 1e3, 4),
-        "before_iqr_ms": round(before.iqr * 1e3, 4), "after_iqr_ms": round(after.iqr * 1e3, 4),
-        "speedup": round(speedup, 4), "runtime": f"onnxruntime-{args.provider}",
+        # significant digits, not decimals: a 0.03 ms model rounded to 4 decimals is off by
+        # 0.2%, and its speedup would not be its two times' ratio
+        "before_ms": _sig(before.median * 1e3), "after_ms": _sig(after.median * 1e3),
+        "before_iqr_ms": _sig(before.iqr * 1e3), "after_iqr_ms": _sig(after.iqr * 1e3),
+        "speedup": _sig(speedup), "runtime": f"onnxruntime-{args.provider}",
         "threads": args.threads if args.threads > 0 else os.cpu_count(),
         "cpu": cpu["model"], "isa": cpu["isa"], "pairs": before.samples}
     # slower only beyond the noise too: the result's median exceeds the time the bar allows
