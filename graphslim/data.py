@@ -66,11 +66,12 @@ def validate(data: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> int:
     return n
 
 
-def batches(data: Mapping[str, np.ndarray], specs: list[TensorSpec], size: int | None = None
-            ) -> Iterator[dict[str, np.ndarray]]:
+def batches(data: Mapping[str, np.ndarray], specs: list[TensorSpec], size: int | None = None,
+            keep_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Feeds of `size` samples, by default the specs' batch size (a last partial batch is
-    dropped unless it is the only one, in which case the model must accept its size). A
-    'stacked' input feeds the first sample of each batch, a 'constant' one its value."""
+    dropped unless it is the only one or `keep_last`, in which case the model must accept its
+    size). A 'stacked' input feeds the first sample of each batch, a 'constant' one its
+    value."""
     n = validate(data, specs)
     kinds = {s.name: layout(np.asarray(data[s.name]), s) for s in specs}
     if size is None:
@@ -79,6 +80,8 @@ def batches(data: Mapping[str, np.ndarray], specs: list[TensorSpec], size: int |
     if any(k != "batched" for k in kinds.values()):
         size = 1  # one sample per feed where a feed cannot hold several
     stops = list(range(size, n + 1, size)) or [n]
+    if keep_last and stops[-1] < n:
+        stops.append(n)
     start = 0
     for stop in stops:
         feed = {}

@@ -56,6 +56,9 @@ class Pass:
     #: the pass is only meaningful on real calibration data (qdq): tools refuse to run it
     #: without data unless told to use synthetic inputs
     needs_data: ClassVar[bool] = False
+    #: the pass reads `analyses.provenance` (the model before the first lossy pass, and the
+    #: channel maps into it): the pass manager keeps one for pipelines that hold such a pass
+    needs_reference: ClassVar[bool] = False
 
     def plan(self, view: GraphView, analyses: AnalysisManager) -> Plan:
         raise NotImplementedError

@@ -31,11 +31,13 @@ from graphslim.pass_base import (  # noqa: F401  (Pass, Plan, ... re-exported fo
     Plan,
     Repeat,
     Skip,
+    flatten,
     ordering_error,
     register_pass,
     registered_passes,
 )
 from graphslim.pipeline_text import parse_pipeline, print_pipeline
+from graphslim.provenance import Provenance
 from graphslim.report import PassRecord, Report, Snapshot
 from graphslim.verify import ErrorMetrics, Tolerance, compare, is_close, make_inputs
 
@@ -82,6 +84,8 @@ class PassManager:
         self.seed = seed
         self.instruments = list(instruments)
         self.inplace = inplace
+        self._keeps_reference = any(getattr(p, "needs_reference", False)
+                                    for p in flatten(self.pipeline))
 
     @property
     def text(self) -> str:
@@ -157,7 +161,13 @@ class PassManager:
             converted = state.model.require_opset(p.min_opset) if p.min_opset else None
             if converted:
                 state.am.invalidate(())
-            plan = p.plan(state.model.view(), state.am)
+            if self._keeps_reference and state.am.provenance is None and (
+                    not p.lossless or p.needs_reference):
+                state.am.provenance = Provenance(state.model.copy())
+            view = state.model.view()
+            plan = p.plan(view, state.am)
+            if state.am.provenance is not None and not dry_run:
+                state.am.provenance.record(view, plan.edits)
             changed = 0 if dry_run else state.model.apply(plan.edits)
         except GraphslimError:
             raise

@@ -27,6 +27,9 @@ class AnalysisManager:
         self.data = data
         self._cache: dict[type, Any] = {}
         self.computed: Counter[str] = Counter()
+        #: the reference model and the channel / value maps into it (graphslim/provenance.py),
+        #: kept by the pass manager for pipelines with a pass that needs_reference, else None
+        self.provenance = None
 
     @property
     def view(self) -> GraphView:
@@ -44,9 +47,16 @@ class AnalysisManager:
         weighing options (qdq's sensitivity mode) tries them here, never on the model itself.
         `deployed`: run as the user will (ORT at opt level all: int8 through the integer
         kernels of this CPU), which is the error that matters."""
+        trial = self.trial_model(edits)
+        return [trial.run(f, deployed=deployed) for f in feeds]
+
+    def trial_model(self, edits: list) -> Frontend:
+        """A scratch copy of the model with `edits` applied: a pass that must run the model
+        as its own plan takes shape (reconstruct refits layer by layer, each on the inputs the
+        layers before it now give) works on this, never on the model itself."""
         trial = self.model.copy()
         trial.apply(edits)
-        return [trial.run(f, deployed=deployed) for f in feeds]
+        return trial
 
     def trial_latencies(self, edit_sets: list[list], feeds: dict, threads: int | None = 1,
                         max_time: float = 3.0) -> list | None:
@@ -58,11 +68,7 @@ class AnalysisManager:
 
         if self.model.deployable() is None:
             return None
-        models = []
-        for edits in edit_sets:
-            trial = self.model.copy()
-            trial.apply(edits)
-            models.append(trial.deployable())
+        models = [self.trial_model(edits).deployable() for edits in edit_sets]
         return time_many(models, feeds, threads=threads, max_time=max_time)
 
     def invalidate(self, preserved: tuple[type[Analysis], ...] = ()) -> None:

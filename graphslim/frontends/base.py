@@ -94,8 +94,11 @@ class Frontend(abc.ABC):
         user's data uses it, structural verification does not."""
 
     @abc.abstractmethod
-    def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:
-        """Run once and return the named intermediate values (activation statistics)."""
+    def capture(self, feeds: dict[str, np.ndarray], values: list[str],
+                optimized: bool = False) -> dict[str, np.ndarray]:
+        """Run once and return the named intermediate values (activation statistics).
+        `optimized`: the frontend may run its deployed, optimized form (same values to
+        rounding); the default runs the graph as it is."""
 
     @abc.abstractmethod
     def infer_shapes(self) -> dict[str, tuple]:

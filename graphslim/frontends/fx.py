@@ -11,6 +11,7 @@ opaque leaf and tracing is retried (the report says which modules were made leav
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Sequence
@@ -93,6 +94,10 @@ class FxView(GraphView):
     def _param_info(self, node: Node, role: str):
         t = self._tensors[node.params[role]]
         return tuple(t.shape), np.dtype(str(t.dtype).replace("torch.", ""))
+
+
+class _Captured(Exception):
+    """Stops a capture run once it has every value it was asked for."""
 
 
 class FxGraph(Frontend):
@@ -239,7 +244,10 @@ class FxGraph(Frontend):
                                  f"{str(exc).strip().splitlines()[0][:400]}") from None
         return {f"output{i}": t.detach().cpu().numpy() for i, t in enumerate(outs)}
 
-    def capture(self, feeds: dict[str, np.ndarray], values: list[str]) -> dict[str, np.ndarray]:
+    def capture(self, feeds: dict[str, np.ndarray], values: list[str],
+                optimized: bool = False) -> dict[str, np.ndarray]:
+        """Runs the graph node by node until every named value is seen (the nodes after them
+        are not run)."""
         wanted, got = set(values), {}
 
         class _Recorder(fx.Interpreter):
@@ -247,10 +255,12 @@ class FxGraph(Frontend):
                 out = super().run_node(n)
                 if n.name in wanted and isinstance(out, torch.Tensor):
                     got[n.name] = out.detach().cpu().numpy()
+                    if len(got) == len(wanted):
+                        raise _Captured
                 return out
 
         args = [torch.as_tensor(feeds[s.name]) for s in self.input_specs()]
-        with torch.no_grad(), _eval_mode(self.module):
+        with torch.no_grad(), _eval_mode(self.module), contextlib.suppress(_Captured):
             _Recorder(self.gm).run(*args)
         return got
 

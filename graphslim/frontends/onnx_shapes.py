@@ -113,3 +113,29 @@ def dequantized_layer_macs(graph: gs.Graph, shapes: dict[str, tuple]) -> dict[st
         if _concrete(ref):
             macs[n.name] = int(np.prod(ref)) * int(inner)
     return macs
+
+
+def probe_for(proto: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
+    """A copy of the model whose outputs are `values`, without the nodes none of them needs
+    (ONNX Runtime runs every node of a graph, fetched or not). Graphs with control flow keep
+    every node: a subgraph may read any outer value."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    g = probe.graph
+    del g.output[:]
+    g.output.extend(onnx.ValueInfoProto(name=v) for v in values)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in g.node for a in n.attribute):
+        return probe
+    needed, keep = set(values), []
+    for n in reversed(g.node):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    used = needed | {o for n in keep for o in n.output}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return probe
