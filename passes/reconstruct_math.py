@@ -141,30 +141,32 @@ def conv_output_size(spatial: tuple, kernel: tuple, strides: tuple, pads: tuple,
                  // strides[i] + 1 for i in range(nd))
 
 
-def patch_rows(x: np.ndarray, kernel: tuple, strides: tuple, pads: tuple, dilations: tuple,
-               groups: int, count: int, rng: np.random.Generator) -> tuple[np.ndarray, tuple]:
-    """Up to `count` random conv patches of x (N, C, *spatial) per sample: rows (R, g, F) with
-    F = C/g x prod(kernel), and the output positions they belong to (index arrays n, *out),
-    for reading the matching rows of the layer's output."""
-    nd = len(kernel)
-    n, c = x.shape[:2]
-    begins, ends = pads[:nd], pads[nd:]
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(b, e) for b, e in zip(begins, ends)])
-    out = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-           for i in range(nd)]
+def sample_positions(samples: int, out: tuple, count: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, ...]:
+    """Up to `count` random output positions per sample of a layer whose output has spatial
+    size `out`: index arrays (n, *spatial), for output_rows and patch_rows."""
     total = int(np.prod(out))
     per = min(total, count)
-    picks = np.stack([rng.choice(total, per, replace=False) for _ in range(n)])  # (N, per)
-    samples = np.repeat(np.arange(n), per)
-    pos = np.unravel_index(picks.reshape(-1), out)
+    picks = np.stack([rng.choice(total, per, replace=False) for _ in range(samples)])
+    return (np.repeat(np.arange(samples), per), *np.unravel_index(picks.reshape(-1), out))
+
+
+def patch_rows(x: np.ndarray, kernel: tuple, strides: tuple, pads: tuple, dilations: tuple,
+               groups: int, where: tuple) -> np.ndarray:
+    """The conv patches of x (N, C, *spatial) that produce the output positions `where`:
+    rows (R, g, F) with F = C/g x prod(kernel) (im2col of only the sampled positions)."""
+    nd = len(kernel)
+    c = x.shape[1]
+    begins, ends = pads[:nd], pads[nd:]
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(b, e) for b, e in zip(begins, ends)])
+    samples, pos = where[0], where[1:]
     moved = np.moveaxis(xp, 1, -1)  # (N, *spatial, C): fancy indexing keeps C last
     cols = []
     for offs in itertools.product(*[range(k) for k in kernel]):
         idx = tuple(p * s + o * d for p, s, o, d in zip(pos, strides, offs, dilations))
         cols.append(moved[(samples, *idx)])  # (R, C)
     patches = np.stack(cols, axis=-1)  # (R, C, K)
-    rows = patches.reshape(len(samples), groups, (c // groups) * len(cols))
-    return rows, (samples, *pos)
+    return patches.reshape(len(samples), groups, (c // groups) * len(cols))
 
 
 def output_rows(y: np.ndarray, where: tuple, groups: int) -> np.ndarray:

@@ -247,19 +247,39 @@ class FxGraph(Frontend):
     def capture(self, feeds: dict[str, np.ndarray], values: list[str],
                 optimized: bool = False) -> dict[str, np.ndarray]:
         """Runs the graph node by node until every named value is seen (the nodes after them
-        are not run)."""
-        wanted, got = set(values), {}
+        are not run). `feeds` may also hold intermediate values (node names): the graph is cut
+        there, and only the nodes the named values need from them on are run."""
+        specs = [s.name for s in self.input_specs()]
+        given = {k: v for k, v in feeds.items() if k not in specs}
+        got = {v: feeds[v] for v in values if v in feeds}
+        wanted = set(values) - set(got)
+        if not wanted:
+            return got
+        by_name = {n.name: n for n in self.gm.graph.nodes}
+        needed, stack = set(), list(wanted)
+        while stack:  # the nodes the wanted values depend on, stopping at the given ones
+            name = stack.pop()
+            if name in needed or name in given or name not in by_name:
+                continue
+            needed.add(name)
+            stack.extend(a.name for a in by_name[name].all_input_nodes)
 
         class _Recorder(fx.Interpreter):
             def run_node(self, n):
-                out = super().run_node(n)
+                if n.name in given:
+                    out = torch.as_tensor(given[n.name])
+                elif n.name in needed or n.op == "placeholder":
+                    out = super().run_node(n)
+                else:
+                    return None
                 if n.name in wanted and isinstance(out, torch.Tensor):
                     got[n.name] = out.detach().cpu().numpy()
-                    if len(got) == len(wanted):
+                    if len(got) == len(set(values)):
                         raise _Captured
                 return out
 
-        args = [torch.as_tensor(feeds[s.name]) for s in self.input_specs()]
+        # an input the cut makes unneeded still takes a placeholder's place
+        args = [torch.as_tensor(feeds[s]) if s in feeds else torch.zeros(0) for s in specs]
         with torch.no_grad(), _eval_mode(self.module), contextlib.suppress(_Captured):
             _Recorder(self.gm).run(*args)
         return got

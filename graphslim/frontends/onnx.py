@@ -343,16 +343,32 @@ class OnnxGraph(Frontend):
         names until the graph changes): a value early in the graph costs only the nodes
         before it (reconstruct captures layer by layer). `optimized`: at ORT's full
         optimization level (the kernels the user deploys, 1.5x faster on a CNN; fetched values
-        are graph outputs, which ORT's fusions keep), else with no optimization (a graph
-        being repaired may not survive ORT's rewrites)."""
+        are graph outputs, which ORT's fusions keep) and with the batch dimension free (one
+        run for many samples where the ops allow), else as the graph is, unoptimized (a
+        graph being repaired may not survive ORT's rewrites). `feeds` may also hold
+        intermediate values: the graph is then cut there and only what follows them runs
+        (reconstruct carries the values between its rounds)."""
         from graphslim.runtime import make_session
 
-        key = ("capture", tuple(values), optimized)
+        inputs = {s.name for s in self.input_specs()}
+        cut = {k: v for k, v in feeds.items() if k not in inputs}
+        have = {v: feeds[v] for v in values if v in feeds}
+        values = [v for v in values if v not in feeds]
+        if not values:
+            return have
+        key = ("capture", tuple(values), optimized, tuple(sorted(cut)))
         if key not in self._cache:
-            probe = onnx_shapes.probe_for(self.to_proto(), values)
+            # one capture session at a time: a caller capturing layer by layer would otherwise
+            # hold a session (and a copy of every weight) per layer
+            for old in [k for k in self._cache if isinstance(k, tuple) and k[0] == "capture"]:
+                del self._cache[old]
+            probe = onnx_shapes.probe_for(self.to_proto(), values, any_batch=optimized,
+                                          given=cut)
             self._cache[key] = make_session(probe.SerializeToString(),
                                             opt_level="all" if optimized else "off")
-        return dict(zip(values, self._cache[key].run(list(values), feeds)))
+        sess = self._cache[key]
+        run_feeds = {i.name: feeds[i.name] for i in sess.get_inputs()}
+        return {**have, **dict(zip(values, sess.run(list(values), run_feeds)))}
 
 @dataclass
 class _ApplyContext:

@@ -115,25 +115,50 @@ def dequantized_layer_macs(graph: gs.Graph, shapes: dict[str, tuple]) -> dict[st
     return macs
 
 
-def probe_for(proto: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
+def probe_for(proto: onnx.ModelProto, values: list[str], any_batch: bool = False,
+              given: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A copy of the model whose outputs are `values`, without the nodes none of them needs
     (ONNX Runtime runs every node of a graph, fetched or not). Graphs with control flow keep
-    every node: a subgraph may read any outer value."""
+    every node: a subgraph may read any outer value. `any_batch`: the inputs' first dimension
+    is left free and the recorded intermediate shapes dropped, so a file exported with a
+    batch of 1 runs a batch of many where its ops allow (a Reshape to a fixed batch does not:
+    ORT then fails on the first run and the caller falls back to the file's batch).
+    `given`: intermediate values the caller already has (name -> an example array): the graph
+    is cut there, they become its inputs and the nodes before them are not run."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     g = probe.graph
     del g.output[:]
     g.output.extend(onnx.ValueInfoProto(name=v) for v in values)
+    if any_batch:
+        del g.value_info[:]
+        for i in g.input:
+            dims = i.type.tensor_type.shape.dim
+            if len(dims) > 0:
+                dims[0].Clear()
+                dims[0].dim_param = "batch"
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for n in g.node for a in n.attribute):
+        if given:
+            raise ValueError("cannot cut a graph with control flow")
         return probe
+    given = given or {}
     needed, keep = set(values), []
     for n in reversed(g.node):
-        if any(o in needed for o in n.output):
+        if any(o in needed and o not in given for o in n.output):
             keep.append(n)
             needed.update(i for i in n.input if i)
     del g.node[:]
     g.node.extend(reversed(keep))
+    if given:
+        inputs = [i for i in g.input if i.name in needed and i.name not in given]
+        del g.input[:]
+        g.input.extend(inputs)
+        for name, arr in given.items():
+            if name in needed:
+                g.input.append(onnx.helper.make_tensor_value_info(
+                    name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype),
+                    ["batch", *(None,) * (np.ndim(arr) - 1)]))
     used = needed | {o for n in keep for o in n.output}
     inits = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
