@@ -164,15 +164,16 @@ PHOTOS = (("skimage", "data/astronaut.png"), ("skimage", "data/chelsea.png"),
 
 def natural_photos(count: int = 32, height: int = 224, width: int = 224,
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                   seed: int = 0) -> np.ndarray:
+                   seed: int = 0, photos: slice = slice(None)) -> np.ndarray:
     """`count` crops of real photos (PHOTOS, those installed), each a random crop of a random
     photo, rotated by a random multiple of 90 degrees and flipped at random, resized to
     height x width and normalized with `mean` / `std` (CHW float32): unlabeled real inputs
-    for calibration, disjoint from any text evaluation set."""
+    for calibration, disjoint from any text evaluation set. `photos`: which of PHOTOS to crop
+    from (disjoint slices give disjoint calibration and evaluation photos)."""
     from PIL import Image
 
     images = [np.asarray(Image.open(p).convert("RGB"))
-              for p in (asset_path(pkg, rel) for pkg, rel in PHOTOS) if p]
+              for p in (asset_path(pkg, rel) for pkg, rel in PHOTOS[photos]) if p]
     if not images:
         raise AssetMissing("no photo of PHOTOS is installed (scikit-image, scikit-learn)")
     rng = np.random.default_rng(seed)
