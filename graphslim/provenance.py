@@ -14,6 +14,9 @@ it (`Pass.needs_reference`):
   into the conv before it) the readers of the node's output read that input, which now
   carries what the reference computed at the node's output. A bypass whose consumers were
   rewritten instead (a BatchNorm folded into the conv after it) leaves the input's meaning.
+  After `ReplaceWithChain(node)` (factorize, conv-group, conv-separable) the value the chain's
+  last layer writes stands for the replaced node's output, under whatever name the frontend
+  gave it (ONNX keeps the name, fx names the new nodes).
 
 Both maps are derived from the edits as the engine applies them (the edit vocabulary says what
 each edit means), not from any pass's own bookkeeping.
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphslim.edits import Bypass, SetParam, SliceParam
+from graphslim.edits import Bypass, ReplaceWithChain, SetParam, SliceParam
 from graphslim.frontends.base import Frontend
 from graphslim.ir import GraphView, OpKind
 
@@ -46,6 +49,26 @@ class Provenance:
     def channels(self, value: str, count: int) -> np.ndarray:
         """The reference channels of the `count` channels `value` has now."""
         return self.origins.get(value, np.arange(count))
+
+    def applied(self, before: GraphView, after: GraphView, edits: list) -> None:
+        """After `edits` were applied: the value a replaced node's readers now read stands
+        for that node's output (found through a reader both graphs have)."""
+        for e in edits:
+            if not isinstance(e, ReplaceWithChain):
+                continue
+            out = before.node(e.node).output
+            for reader in before.users(out):
+                try:
+                    now = after.node(reader.name)
+                except KeyError:
+                    continue
+                new = now.inputs[reader.inputs.index(out)] if len(now.inputs) == len(
+                    reader.inputs) else None
+                if new is not None and new != out:
+                    self.aliases[new] = self.reference_value(out)
+                    if out in self.origins:
+                        self.origins[new] = self.origins[out]
+                break
 
     def record(self, view: GraphView, edits: list) -> None:
         """Update the maps for `edits` about to be applied to the graph `view` shows."""

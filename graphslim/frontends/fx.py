@@ -31,7 +31,8 @@ try:
     from graphslim.frontends import fx_edits, fx_quant, fx_trace
     from graphslim.frontends import fx_ops as ops
 except ImportError as _exc:  # pragma: no cover - exercised only without torch
-    raise ImportError("the torch frontend needs torch: pip install 'graphslim[torch]'") from _exc
+    raise ImportError("the torch frontend needs torch: pip install 'graphslim-engine[torch]' "
+                      "(or '.[torch]' from a checkout)") from _exc
 
 log = logging.getLogger(__name__)
 
