@@ -49,8 +49,8 @@ def _mnist(workdir: str) -> Case:
     path = export_onnx(mnist_cnn.trained(), mnist_cnn.example(), os.path.join(workdir, "m.onnx"))
     return Case("mnist_cnn", graphslim.load(path), "x", xtr[:128], xte, yte,
                 ("prune-channels{target-macs=0.5}", "prune-channels{ratio=0.5}",
-                 "factorize{method=tucker2,rank=0.25}"),
-                "128 training digits")
+                 "factorize{method=tucker2,rank=0.25}", "conv-separable"),
+                "128 training digits (shuffled, all classes)")
 
 
 def _orientation(_: str) -> Case:
