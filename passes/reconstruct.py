@@ -50,7 +50,7 @@ _MATCHES = 1e-6
 @dataclass
 class _Site:
     node: Node
-    target: str          # the reference value it is fitted to
+    ref_value: str       # the reference model's value it is fitted to
     bias: bool           # a bias is fitted (CONV always; LINEAR where it has one)
     w0: np.ndarray       # (g, F, O/g) current weights
     groups: int
@@ -100,7 +100,7 @@ class Reconstruct(Pass):
         scratch = analyses.trial_model([])
         last = sites[-1]  # the deepest layer: its inputs need (almost) every node to run
         feeds = _feeds(source, analyses.model.input_specs(),
-                       ((scratch, last.node.inputs[0]), (prov.reference, last.target)))
+                       ((scratch, last.node.inputs[0]), (prov.reference, last.ref_value)))
         _sample_targets(sites, prov.reference, feeds, self.rows,
                          np.random.default_rng(self.seed))
         rounds = _rounds(view, sites)
@@ -123,14 +123,14 @@ class Reconstruct(Pass):
             if any(fnmatch.fnmatchcase(node.name, pat) for pat in self.exclude):
                 plan.skip(node.name, "excluded")
                 continue
-            target = prov.reference_value(node.output)
+            ref_value = prov.reference_value(node.output)
             problem = _problem(view, node) or (
-                None if target in known else
+                None if ref_value in known else
                 f"its output '{node.output}' has no matching value in the original model")
             if problem:
                 plan.skip(node.name, problem)
                 continue
-            sites.append(_site(view, node, target, prov))
+            sites.append(_site(view, node, ref_value, prov))
         return sites
 
     def _refit_round(self, layer_round: list[_Site], scratch, carried: list[dict],
@@ -198,7 +198,7 @@ def _problem(view: GraphView, node: Node) -> str | None:
     return None
 
 
-def _site(view: GraphView, node: Node, target: str, prov: Provenance) -> _Site:
+def _site(view: GraphView, node: Node, ref_value: str, prov: Provenance) -> _Site:
     weight = view.param(node.name, "weight")
     has_bias = view.has_param(node.name, "bias")
     bias = view.param(node.name, "bias") if has_bias else None
@@ -207,16 +207,18 @@ def _site(view: GraphView, node: Node, target: str, prov: Provenance) -> _Site:
         groups = int(node.attrs.get("groups", 1))
         if bias is None:
             bias = np.zeros(weight.shape[0], weight.dtype)
-        return _Site(node, target, True, rm.conv_weights(weight, bias, groups), groups,
+        return _Site(node, ref_value, True, rm.conv_weights(weight, bias, groups), groups,
                      channels, weight.shape, weight.dtype)
     w = weight.T[None].astype(np.float64)
     if has_bias:
         w = np.concatenate([w, bias.reshape(1, 1, -1)], axis=1)
-    return _Site(node, target, has_bias, w, 1, channels, weight.shape, weight.dtype)
+    return _Site(node, ref_value, has_bias, w, 1, channels, weight.shape, weight.dtype)
 
 
 #: bytes of reference outputs one capture run may return: all targets are fetched at once,
-#: and ORT allocates every fetched value apart (resnet50's conv outputs: 36 MB per sample)
+#: and ORT allocates every fetched value apart (resnet50's conv outputs: 44 MB per sample).
+#: Slicing only the reference's runs keeps the compressed model's at _CAPTURE_BATCH (batches
+#: of 5 for both: resnet50's reconstruct 57 -> 64 s)
 _TARGET_BYTES = 256 << 20
 
 
@@ -227,7 +229,7 @@ def _sample_targets(sites: list[_Site], reference, feeds: list[dict], count: int
     sampled at later) and the reference's output there. Only these rows are kept, so the
     reference runs once, not once per round (it is the unpruned, most expensive model). A
     batch whose targets would exceed _TARGET_BYTES is run in slices of it."""
-    targets = sorted({s.target for s in sites})
+    targets = sorted({s.ref_value for s in sites})
     shapes = reference.infer_shapes()
     per_sample = sum(4 * int(np.prod(shapes[t][1:])) for t in targets
                      if shapes.get(t) and all(isinstance(d, int) for d in shapes[t]))
@@ -243,7 +245,7 @@ def _sample_targets(sites: list[_Site], reference, feeds: list[dict], count: int
             ys = reference.capture(part, targets, optimized=True)
             for s in sites:
                 if not s.problem:
-                    parts[id(s)].append((start, _target_rows(s, ys[s.target], count, rng)))
+                    parts[id(s)].append((start, _target_rows(s, ys[s.ref_value], count, rng)))
             del ys
         for s in sites:
             if not s.problem:  # (a slice may have found one)
@@ -274,7 +276,7 @@ def _target_rows(s: _Site, y: np.ndarray, count: int, rng) -> tuple:
     `s.problem` set where its channels do not line up."""
     out_axis = 1 if s.node.kind is OpKind.CONV else y.ndim - 1
     if y.ndim < 2 or y.shape[out_axis] <= int(s.channels.max(initial=-1)):
-        s.problem = (f"the original's '{s.target}' has shape {list(y.shape)}; the layer maps "
+        s.problem = (f"the original's '{s.ref_value}' has shape {list(y.shape)}; the layer maps "
                      f"to its channel {int(s.channels.max())}")
         return (), None
     y = np.take(y, s.channels, axis=out_axis)
@@ -296,7 +298,7 @@ def _input_rows(s: _Site, x: np.ndarray, where: tuple) -> np.ndarray | None:
         kernel = tuple(s.node.attrs["kernel_shape"])
         out = rm.conv_output_size(x.shape[2:], kernel, strides, pads, dilations)
         if s.out_shape != out:
-            s.problem = (f"the original's '{s.target}' has spatial size {list(s.out_shape)}, "
+            s.problem = (f"the original's '{s.ref_value}' has spatial size {list(s.out_shape)}, "
                          f"the layer's output {list(out)}")
             return None
         rows = rm.patch_rows(x, kernel, strides, pads, dilations, s.groups, where)
@@ -304,7 +306,7 @@ def _input_rows(s: _Site, x: np.ndarray, where: tuple) -> np.ndarray | None:
         pick, total = where
         flat = x.reshape(-1, x.shape[-1])
         if len(flat) != total:
-            s.problem = (f"the original's '{s.target}' has {total} rows, the layer's input "
+            s.problem = (f"the original's '{s.ref_value}' has {total} rows, the layer's input "
                          f"{len(flat)}")
             return None
         rows = flat[pick][:, None, :]
@@ -362,7 +364,7 @@ def _frontiers(view: GraphView, rounds: list[list[_Site]]) -> list[list[str]]:
     later refit changes (a layer's inputs never depend on a layer of its own round or a later
     one); the values that part (or the model's inputs) gives to a node outside it. Carrying
     them, each round runs only the nodes between two rounds instead of the whole prefix
-    again (resnet50: 50 rounds; the prefix runs were 80% of the time)."""
+    again (resnet50: 50 rounds; the prefix runs were half of the pass's time)."""
     nodes = list(view.nodes())
     by_name = {n.name: n for n in nodes}
     producer = {v: n.name for n in nodes for v in n.outputs}
