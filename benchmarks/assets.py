@@ -77,6 +77,10 @@ def _ppocr_preprocess(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return x
 
 
+#: samples text_line_crops gives per line: 1 + 2 + 3 pieces, each upright and rotated
+_CROPS_PER_LINE = 12
+
+
 def text_line_crops(height: int = 48, width: int = 192) -> tuple[np.ndarray, np.ndarray]:
     """Real scanned text lines (scikit-image's page.png), each cut into 1, 2 and 3 pieces, upright
     (label 0) and rotated 180 degrees (label 1), preprocessed as PP-OCR's angle classifier
@@ -98,12 +102,14 @@ def text_line_crops(height: int = 48, width: int = 192) -> tuple[np.ndarray, np.
 
 
 def split_text_lines(x: np.ndarray, y: np.ndarray) -> tuple[tuple, tuple]:
-    """text_line_crops' samples come in pairs (a crop upright, then rotated 180 degrees): every
-    other *pair* is calibration, the rest evaluation, so both hold both labels and a crop and
-    its rotation stay on one side (alternate samples would put every upright crop in one set
-    and every rotated one in the other)."""
-    pair = (np.arange(len(x)) // 2) % 2 == 0
-    return (x[pair], y[pair]), (x[~pair], y[~pair])
+    """text_line_crops' samples come line by line, 12 per line (the whole line, its halves and
+    its thirds, each upright then rotated 180 degrees): even lines are calibration, odd lines
+    evaluation, so both hold both labels and no pixel of an evaluation crop is in a
+    calibration crop (split by crop pairs, the whole line on one side held the pieces on the
+    other)."""
+    line = np.arange(len(x)) // _CROPS_PER_LINE
+    calib = line % 2 == 0
+    return (x[calib], y[calib]), (x[~calib], y[~calib])
 
 
 def mnist5k() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:

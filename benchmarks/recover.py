@@ -8,7 +8,7 @@ compressed model and the compressed model after `reconstruct` (the same pipeline
 MACs, ORT CPU latency of the recovered model against the original in the same run (1 thread,
 interleaved), and reconstruct's own time. Calibration and evaluation data are disjoint in every
 row: MNIST training digits / held-out digits; natural photos / rotated scanned pages (the
-orientation classifier); one half of the text-line crop pairs / the other (PP-OCR classifier);
+orientation classifier); the even text lines of the page / the odd ones (PP-OCR classifier);
 photos 1-6 / photos 7-9 of benchmarks.assets.PHOTOS (YOLOv8n). The CPU and its ISA flags are in
 the header: latency depends on them.
 """
@@ -51,6 +51,7 @@ def _mnist(workdir: str) -> Case:
     path = export_onnx(mnist_cnn.trained(), mnist_cnn.example(), os.path.join(workdir, "m.onnx"))
     return Case("mnist_cnn", graphslim.load(path), "x", xtr[:128], xte, yte,
                 ("prune-channels{target-macs=0.5}", "prune-channels{ratio=0.5}",
+                 "prune-channels{ratio=0.5,criterion=recon}",
                  "factorize{method=tucker2,rank=0.25}", "conv-separable"),
                 "128 training digits (shuffled, all classes)")
 
@@ -68,7 +69,8 @@ def _orientation(_: str) -> Case:
     x, y = rotated_text_pages()
     model = graphslim.load(src, input_shapes={name: (1, 3, 224, 224)})
     return Case("orientation (PP-LCNet)", model, name, natural_photos(32), x, y,
-                ("prune-channels{ratio=0.3}",),
+                ("prune-channels{ratio=0.3}", "prune-channels{ratio=0.3,criterion=recon}",
+                 "prune-channels{ratio=0.5}"),
                 "32 natural photo crops")
 
 
@@ -78,8 +80,9 @@ def _ppocr(_: str) -> Case:
     src = require(*PPOCR_CLS)
     (calib, _), (x, y) = split_text_lines(*text_line_crops())
     return Case("ppocr_cls", graphslim.load(src, input_shapes={"x": (1, 3, 48, 192)}), "x", calib,
-                x, y, ("prune-channels{ratio=0.3}", "prune-channels{ratio=0.3,criterion=taylor}"),
-                f"{len(calib)} text-line crops (the other half of the pairs)")
+                x, y, ("prune-channels{ratio=0.3}", "prune-channels{ratio=0.3,criterion=taylor}",
+                       "prune-channels{ratio=0.3,criterion=recon}"),
+                f"{len(calib)} crops of the page's even text lines (eval: odd lines)")
 
 
 def _yolo(_: str) -> Case:

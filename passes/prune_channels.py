@@ -50,7 +50,7 @@ from graphslim.ir import WEIGHTED, GraphView, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
 from graphslim.passes import prune_math as pm
 
-CRITERIA = ("l1", "l2", "bn-scale", "taylor", "random")
+CRITERIA = ("l1", "l2", "bn-scale", "taylor", "recon", "random")
 
 
 def pruning_edits(deps: ChannelDeps, removed: np.ndarray) -> list[Edit]:
@@ -206,19 +206,17 @@ class PruneChannels(Pass):
             from graphslim.passes.prune_taylor import taylor_scores
 
             return taylor_scores(view, deps, analyses, plan)
-        p = 2 if self.criterion == "l2" else 1
-        bn: dict[int, float] = {}
-        for site in deps.sites:
-            if not isinstance(site, ParamSite):
-                continue
-            node = view.node(site.node)
-            if self.criterion == "bn-scale" and site.role == "scale" and \
-                    node.kind is OpKind.BATCHNORM:
-                pm.accumulate(deps.units_of(site.ids), np.abs(view.param(site.node, "scale")),
-                              bn, normalize=False)
-            if node.kind in WEIGHTED and site.role == "weight":
-                arr = view.param(site.node, "weight")
-                pm.accumulate(deps.units_of(site.ids), pm.slice_norms(arr, site.axis, p), scores)
+        if self.criterion == "recon":
+            from graphslim.passes.prune_recon import recon_scores
+
+            l1 = PruneChannels._weight_scores(view, deps, "l1")[0]
+            found = recon_scores(view, deps, analyses, plan, groups) or {}
+            rest = [g for g in groups if not any(int(u) in found for u in g.units)]
+            if rest:
+                plan.notes.append(f"recon: {len(rest)} groups without a modelled consumer "
+                                  "ranked by l1")
+            return {**{int(u): l1.get(int(u), 0.0) for g in rest for u in g.units}, **found}
+        scores, bn = PruneChannels._weight_scores(view, deps, self.criterion)
         if self.criterion == "bn-scale":
             fallback = [g for g in groups if not any(int(u) in bn for u in g.units)]
             if fallback:
@@ -230,6 +228,25 @@ class PruneChannels(Pass):
                         scores[u] = bn.get(u, 0.0)
         return scores
 
+    @staticmethod
+    def _weight_scores(view, deps: ChannelDeps, criterion: str) -> tuple[dict, dict]:
+        """(weight-norm scores, |gamma| per unit where criterion is bn-scale)."""
+        p = 2 if criterion == "l2" else 1
+        scores: dict[int, float] = {}
+        bn: dict[int, float] = {}
+        for site in deps.sites:
+            if not isinstance(site, ParamSite):
+                continue
+            node = view.node(site.node)
+            if criterion == "bn-scale" and site.role == "scale" and \
+                    node.kind is OpKind.BATCHNORM:
+                pm.accumulate(deps.units_of(site.ids), np.abs(view.param(site.node, "scale")),
+                              bn, normalize=False)
+            if node.kind in WEIGHTED and site.role == "weight":
+                arr = view.param(site.node, "weight")
+                pm.accumulate(deps.units_of(site.ids), pm.slice_norms(arr, site.axis, p), scores)
+        return scores, bn
+
     # --- selection -----------------------------------------------------------------------------
     def _select(self, groups: list[ChannelGroup], scores: dict, ratio: float, base: int
                 ) -> np.ndarray:
@@ -239,6 +256,8 @@ class PruneChannels(Pass):
             for g in groups:
                 vals = np.asarray([scores.get(int(u), 0.0) for u in g.units])
                 mean = vals.mean() if vals.size and vals.mean() > 0 else 1.0
+                if self.criterion == "recon":  # relative output errors: comparable as they are
+                    mean = 1.0
                 pool.extend((v / mean, g.index) for v in vals)
             pool.sort()
             n_remove = int(len(pool) * ratio)
