@@ -41,6 +41,14 @@ def trace(module, example_inputs, leaf_modules=()):
     return _trace(module, example_inputs, leaf_modules)
 
 
+def distill(student, teacher, data, **options):
+    """Train a compressed torch student towards its teacher on unlabeled data (knowledge
+    distillation); options and losses: graphslim/frontends/fx_distill.py. Needs the `torch`
+    extra."""
+    from graphslim.frontends.fx_distill import distill as _distill
+    return _distill(student, teacher, data, **options)
+
+
 def optimize(model, pipeline, *, data=None, eval_data=None, metric=None, inputs=None,
              verify: str = "each", tolerance: Tolerance = Tolerance(),
              max_error: float | None = None, inplace: bool = False,
@@ -59,6 +67,6 @@ def optimize(model, pipeline, *, data=None, eval_data=None, metric=None, inputs=
 
 
 __all__ = ["GraphslimError", "InputError", "PassError", "PipelineError", "StructureError",
-           "VerificationError", "OnnxGraph", "load", "trace", "optimize", "Pass", "PassManager",
-           "Plan", "Repeat", "RunResult", "register_pass", "registered_passes", "parse_pipeline",
-           "print_pipeline", "Tolerance"]
+           "VerificationError", "OnnxGraph", "load", "trace", "distill", "optimize", "Pass",
+           "PassManager", "Plan", "Repeat", "RunResult", "register_pass", "registered_passes",
+           "parse_pipeline", "print_pipeline", "Tolerance"]

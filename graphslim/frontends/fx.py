@@ -119,6 +119,12 @@ class FxGraph(Frontend):
     def version(self) -> int:
         return self._version
 
+    def weights_changed(self) -> None:
+        """The module's weights were changed outside apply() (trained): cached views and
+        analyses of the old ones are dropped."""
+        self._version += 1
+        self._cache.clear()
+
     def copy(self) -> FxGraph:
         return FxGraph(copy.deepcopy(self.module), self.example_inputs,
                        set(self.gm.meta["graphslim_leaves"]))

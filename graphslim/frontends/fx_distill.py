@@ -1,0 +1,296 @@
+"""Knowledge distillation: train a compressed torch student to imitate its original, no labels.
+
+Losses (Hinton et al. 2015; FitNets, Romero et al. 2015, for the hints):
+- outputs that are class scores (2-D, more than one column): T^2 x KL(softmax(t / T) ||
+  softmax(s / T)), `temperature` T; with `labels`, alpha x that + (1 - alpha) x cross-entropy;
+- any other output (detector heads, embeddings, maps): mean squared error divided by the
+  teacher output's variance (a relative error, so outputs of any scale weigh alike);
+- `hints`: submodule paths present in both modules (a compressed model keeps its module paths:
+  prune-channels slices modules in place). The student's output there goes through a learned
+  adaptation layer (1x1 conv for feature maps, linear otherwise; identity-initialised where the
+  widths agree) and is matched to the teacher's by relative MSE; the adaptation layers are
+  dropped afterwards.
+Adam with a cosine schedule over all steps; the student trains in train mode (its BatchNorms
+re-estimate their statistics), the teacher runs in eval mode without gradients. Seeded
+shuffling and torch.manual_seed make a run repeat. With `metric` (a callable on the student
+module, higher is better) each epoch is scored, training stops when it stops improving for
+`patience` epochs, and the best epoch's weights are kept.
+
+Hand-written around torch's own optimisers and losses: the peers' distillers (NNCF's, PaddleSlim's,
+torchdistill) are tied to their trainers and configs; this is a loop of forty lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def distill(student, teacher, data, *, epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
+            temperature: float = 4.0, alpha: float = 0.9, hints: Sequence[str] = (),
+            labels=None, device=None, metric: Callable | None = None, patience: int = 1,
+            seed: int = 0, history: list | None = None, progress: bool | None = None):
+    """Train `student` (an nn.Module or a graphslim fx model) towards `teacher` (an nn.Module, a
+    graphslim model of either frontend: an ONNX teacher runs in ONNX Runtime) on `data`
+    (an array, or input name -> array, samples first; unlabeled). Returns the student in the
+    form it was given. `history`, when a list, receives one dict per epoch."""
+    module, given = _student_module(student)
+    inputs = _inputs(data, module, student)
+    n = len(next(iter(inputs.values())))
+    _check(epochs, batch_size, lr, temperature, alpha, labels, n)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    teach = _Teacher(teacher, dev)
+    module.to(dev)
+    adapters = _Adapters(module, teach, hints, inputs, dev)
+    params = [*module.parameters(), *adapters.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = epochs * -(-n // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    rng = np.random.default_rng(seed)
+    best, best_state, stale = -np.inf, None, 0
+    bar = _progress(steps, progress)
+    for epoch in range(epochs):
+        started, total, count = time.perf_counter(), 0.0, 0
+        module.train()
+        for idx in np.array_split(rng.permutation(n), -(-n // batch_size)):
+            feeds = {k: v[idx] for k, v in inputs.items()}
+            t_out, t_feats = teach(feeds, adapters.names)
+            s_out, s_feats = adapters.run(module, feeds, dev)
+            loss = _output_loss(s_out, t_out, temperature, alpha,
+                                None if y is None else y[idx].to(dev))
+            loss = loss + adapters.loss(s_feats, t_feats)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+            bar.update(1)
+        module.eval()
+        record = {"epoch": epoch, "loss": total / count,
+                  "seconds": time.perf_counter() - started}
+        if metric is not None:
+            record["metric"] = float(metric(module))
+        log.info("distill epoch %d: %s", epoch, record)
+        if history is not None:
+            history.append(record)
+        if metric is None:
+            continue
+        if record["metric"] > best:
+            best, best_state, stale = record["metric"], copy.deepcopy(module.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    bar.close()
+    adapters.remove()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.to("cpu").eval()
+    return given(module)
+
+
+def _check(epochs, batch_size, lr, temperature, alpha, labels, n) -> None:
+    if epochs < 1 or batch_size < 1 or not lr > 0 or not temperature > 0:
+        raise ValueError("epochs and batch_size must be >= 1, lr and temperature > 0")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1] (weight of the teacher's loss), not {alpha}")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} samples")
+
+
+def _student_module(student):
+    """(the nn.Module to train, a function giving the student back in its given form): a
+    module, a graphslim fx model (graphslim.trace) or a run result holding one."""
+    if isinstance(student, nn.Module):
+        return student, lambda m: m
+    model = getattr(student, "model", student)  # optimize()'s RunResult
+    module = getattr(model, "module", None)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"distill: the student must be a torch module or a graphslim fx model "
+                        f"(graphslim.trace / optimize), not {type(model).__name__}; an ONNX "
+                        "student is lifted to torch first")
+
+    def back(_trained):
+        model.weights_changed()  # its cached view read the old weights
+        return student
+
+    return module, back
+
+
+def _inputs(data, module, student) -> dict[str, np.ndarray]:
+    if isinstance(data, Mapping):
+        return {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else
+                np.asarray(v) for k, v in data.items()}
+    model = getattr(student, "model", student)
+    specs = model.input_specs() if hasattr(model, "input_specs") else None
+    name = specs[0].name if specs else "x"
+    return {name: np.asarray(data, np.float32)}
+
+
+class _Teacher:
+    """The teacher's outputs (and hint features) on a batch: a torch module run under no_grad,
+    or a graphslim model run as it runs (ONNX Runtime for an ONNX file)."""
+
+    def __init__(self, teacher, dev):
+        teacher = getattr(teacher, "model", teacher)  # optimize()'s RunResult
+        if isinstance(teacher, nn.Module) or isinstance(getattr(teacher, "module", None),
+                                                        nn.Module):
+            self.module = teacher if isinstance(teacher, nn.Module) else teacher.module
+            self.module = copy.deepcopy(self.module).to(dev).eval()
+            self.model = None
+        else:
+            self.module, self.model = None, teacher
+        self.dev = dev
+
+    def __call__(self, feeds: dict, hints: list[str]):
+        if self.module is None:
+            if hints:
+                raise ValueError("hints need a torch teacher (an ONNX teacher gives outputs)")
+            outs = self._run_model(feeds)
+            return [torch.from_numpy(o).to(self.dev) for o in outs], {}
+        feats: dict[str, torch.Tensor] = {}
+        handles = [self.module.get_submodule(h).register_forward_hook(
+            lambda _m, _i, out, h=h: feats.__setitem__(h, out)) for h in hints]
+        try:
+            with torch.no_grad():
+                out = self.module(*[torch.from_numpy(v).to(self.dev) for v in feeds.values()])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return _flatten(out), feats
+
+    def _run_model(self, feeds: dict) -> list[np.ndarray]:
+        names = [sp.name for sp in self.model.input_specs()]  # the student's order, its names
+        feeds = dict(zip(names, feeds.values()))
+        first = next(iter(feeds.values()))
+        outputs = list(self.model.view().outputs)
+        try:  # the whole batch in one run, the batch dimension freed where the ops allow
+            got = self.model.capture(feeds, outputs, optimized=True)
+            return [got[o] for o in outputs]
+        except Exception:  # a file with a fixed batch of 1: one sample per run
+            rows = [list(self.model.run({k: v[i:i + 1] for k, v in feeds.items()}).values())
+                    for i in range(len(first))]
+            return [np.concatenate(col) for col in zip(*rows)]
+
+
+class _Adapters(nn.Module):
+    """Adaptation layers from the student's hint features to the teacher's, and the hooks that
+    catch the student's features."""
+
+    def __init__(self, student: nn.Module, teacher: _Teacher, hints, inputs, dev):
+        super().__init__()
+        self.names = list(hints)
+        self.layers = nn.ModuleDict()
+        self._feats: dict[str, torch.Tensor] = {}
+        self._handles = []
+        if not self.names:
+            return
+        for h in self.names:
+            for who, m in (("student", student), ("teacher", teacher.module)):
+                try:
+                    if m is not None:
+                        m.get_submodule(h)
+                except AttributeError as exc:
+                    raise ValueError(f"hint '{h}': no such submodule in the {who}") from exc
+        probe = {k: v[:2] for k, v in inputs.items()}
+        _, t_feats = teacher(probe, self.names)
+        for h in self.names:
+            sub = student.get_submodule(h)
+            self._handles.append(sub.register_forward_hook(
+                lambda _m, _i, out, h=h: self._feats.__setitem__(h, out)))
+        with torch.no_grad():
+            student.eval()
+            student(*[torch.from_numpy(v).to(dev) for v in probe.values()])
+        for h in self.names:
+            s, t = self._feats[h], t_feats[h]
+            self.layers[h.replace(".", "_")] = _adapter(s, t).to(dev)
+        self._feats.clear()
+
+    def run(self, module, feeds, dev):
+        self._feats.clear()
+        out = module(*[torch.from_numpy(v).to(dev) for v in feeds.values()])
+        return _flatten(out), dict(self._feats)
+
+    def loss(self, s_feats: dict, t_feats: dict) -> torch.Tensor:
+        total = torch.zeros(())
+        for h in self.names:
+            adapted = self.layers[h.replace(".", "_")](s_feats[h])
+            total = total + _relative_mse(adapted, t_feats[h])
+        return total
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _adapter(s: torch.Tensor, t: torch.Tensor) -> nn.Module:
+    if s.shape[2:] != t.shape[2:] or s.shape[0] != t.shape[0]:
+        raise ValueError(f"hint: student feature {list(s.shape)} and teacher feature "
+                         f"{list(t.shape)} differ beyond the channel axis")
+    conv = s.ndim == 4
+    layer = nn.Conv2d(s.shape[1], t.shape[1], 1) if conv else nn.Linear(s.shape[-1],
+                                                                         t.shape[-1])
+    if s.shape[1 if conv else -1] == t.shape[1 if conv else -1]:
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(t.shape[1 if conv else -1]).reshape(layer.weight.shape))
+            layer.bias.zero_()
+    return layer
+
+
+def _output_loss(s_out: list, t_out: list, temperature: float, alpha: float, labels
+                 ) -> torch.Tensor:
+    if len(s_out) != len(t_out):
+        raise ValueError(f"student has {len(s_out)} outputs, teacher {len(t_out)}")
+    total = torch.zeros((), device=s_out[0].device)
+    for i, (s, t) in enumerate(zip(s_out, t_out)):
+        if s.shape != t.shape:
+            raise ValueError(f"output {i}: student {list(s.shape)}, teacher {list(t.shape)}")
+        if s.ndim == 2 and s.shape[1] > 1:  # class scores
+            kd = nn.functional.kl_div(nn.functional.log_softmax(s / temperature, 1),
+                                      nn.functional.log_softmax(t / temperature, 1),
+                                      log_target=True, reduction="batchmean")
+            loss = temperature ** 2 * kd
+            if labels is not None and i == 0:
+                loss = alpha * loss + (1 - alpha) * nn.functional.cross_entropy(s, labels)
+            total = total + loss
+        else:
+            total = total + _relative_mse(s, t)
+    return total
+
+
+def _relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return ((s - t) ** 2).mean() / t.var().clamp_min(1e-12)
+
+
+def _flatten(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [v for o in out.values() for v in _flatten(o)]
+    return [v for o in out for v in _flatten(o)]
+
+
+def _progress(steps: int, enabled: bool | None):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is in the torch extra; without it, no bar
+        class _NoBar:
+            def update(self, _):
+                pass
+
+            def close(self):
+                pass
+
+        return _NoBar()
+    return tqdm(total=steps, desc="distill", disable=None if enabled is None else not enabled,
+                leave=False)
