@@ -172,19 +172,25 @@ PHOTOS = (("skimage", "data/chelsea.png"), ("skimage", "data/coffee.png"),
           ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"))
 
 
+#: a photo of curved text (not page.png, the evaluation page): unlabeled text-like inputs
+TEXT_PHOTO = (("skimage", "data/text.png"),)
+
+
 def natural_photos(count: int = 32, height: int = 224, width: int = 224,
                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                   seed: int = 0, photos: slice = slice(None)) -> np.ndarray:
+                   seed: int = 0, photos: slice = slice(None), sources: tuple = PHOTOS
+                   ) -> np.ndarray:
     """`count` crops of real photos (PHOTOS, those installed), each a random crop of a random
     photo, rotated by a random multiple of 90 degrees and flipped at random, resized to
     height x width and normalized with `mean` / `std` (CHW float32): unlabeled real inputs
     for calibration, disjoint from any text evaluation set. `photos`: which of PHOTOS to crop
-    from (disjoint slices give disjoint calibration and evaluation photos)."""
+    from (disjoint slices give disjoint calibration and evaluation photos). `sources`: other
+    images to crop (TEXT_PHOTO: unlabeled text, disjoint from the scanned page)."""
     from PIL import Image
 
     # every photo asked for, or none: a calibration set must not change with what is installed
     images = [np.asarray(Image.open(require(pkg, rel)).convert("RGB"))
-              for pkg, rel in PHOTOS[photos]]
+              for pkg, rel in sources[photos]]
     rng = np.random.default_rng(seed)
     m = np.asarray(mean, np.float32)
     s = np.asarray(std, np.float32)

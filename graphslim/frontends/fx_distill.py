@@ -10,8 +10,13 @@ Losses (Hinton et al. 2015; FitNets, Romero et al. 2015, for the hints):
   adaptation layer (1x1 conv for feature maps, linear otherwise; identity-initialised where the
   widths agree) and is matched to the teacher's by relative MSE; the adaptation layers are
   dropped afterwards.
+An output that is already a probability (rows of non-negative numbers summing to 1: an ONNX
+file ending in Softmax) is compared through its logarithm. An ONNX student (graphslim.load, or
+optimize's result on one) is lifted to torch (graphslim/frontends/onnx_lift.py), trained, and
+lowered back to ONNX, checked against the trained module.
 Adam with a cosine schedule over all steps; the student trains in train mode (its BatchNorms
-re-estimate their statistics), the teacher runs in eval mode without gradients. Seeded
+re-estimate their statistics; `freeze_bn` keeps them in eval mode, for small or out-of-domain
+data: the original's statistics stay), the teacher runs in eval mode without gradients. Seeded
 shuffling and torch.manual_seed make a run repeat. With `metric` (a callable on the student
 module, higher is better) each epoch is scored, training stops when it stops improving for
 `patience` epochs, and the best epoch's weights are kept.
@@ -37,7 +42,8 @@ log = logging.getLogger(__name__)
 def distill(student, teacher, data, *, epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
             temperature: float = 4.0, alpha: float = 0.9, hints: Sequence[str] = (),
             labels=None, device=None, metric: Callable | None = None, patience: int = 1,
-            seed: int = 0, history: list | None = None, progress: bool | None = None):
+            seed: int = 0, history: list | None = None, progress: bool | None = None,
+            freeze_bn: bool = False):
     """Train `student` (an nn.Module or a graphslim fx model) towards `teacher` (an nn.Module, a
     graphslim model of either frontend: an ONNX teacher runs in ONNX Runtime) on `data`
     (an array, or input name -> array, samples first; unlabeled). Returns the student in the
@@ -62,6 +68,10 @@ def distill(student, teacher, data, *, epochs: int = 1, batch_size: int = 64, lr
     for epoch in range(epochs):
         started, total, count = time.perf_counter(), 0.0, 0
         module.train()
+        if freeze_bn:
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         for idx in np.array_split(rng.permutation(n), -(-n // batch_size)):
             feeds = {k: v[idx] for k, v in inputs.items()}
             t_out, t_feats = teach(feeds, adapters.names)
@@ -114,11 +124,21 @@ def _student_module(student):
     if isinstance(student, nn.Module):
         return student, lambda m: m
     model = getattr(student, "model", student)  # optimize()'s RunResult
+    if hasattr(model, "to_proto"):  # an ONNX model: trained lifted, given back lowered
+        from graphslim.frontends.onnx_lift import lift, lower
+
+        def lowered(trained):
+            out = lower(trained, model)
+            if model is not student:
+                student.model = out
+                return student
+            return out
+
+        return lift(model), lowered
     module = getattr(model, "module", None)
     if not isinstance(module, nn.Module):
-        raise TypeError(f"distill: the student must be a torch module or a graphslim fx model "
-                        f"(graphslim.trace / optimize), not {type(model).__name__}; an ONNX "
-                        "student is lifted to torch first")
+        raise TypeError(f"distill: the student must be a torch module or a graphslim model "
+                        f"(graphslim.load / trace / optimize), not {type(model).__name__}")
 
     def back(_trained):
         model.weights_changed()  # its cached view read the old weights
@@ -256,6 +276,8 @@ def _output_loss(s_out: list, t_out: list, temperature: float, alpha: float, lab
         if s.shape != t.shape:
             raise ValueError(f"output {i}: student {list(s.shape)}, teacher {list(t.shape)}")
         if s.ndim == 2 and s.shape[1] > 1:  # class scores
+            if _probabilities(t):  # a file ending in Softmax: its log is the logits (+ c)
+                s, t = s.clamp_min(1e-12).log(), t.clamp_min(1e-12).log()
             kd = nn.functional.kl_div(nn.functional.log_softmax(s / temperature, 1),
                                       nn.functional.log_softmax(t / temperature, 1),
                                       log_target=True, reduction="batchmean")
@@ -266,6 +288,12 @@ def _output_loss(s_out: list, t_out: list, temperature: float, alpha: float, lab
         else:
             total = total + _relative_mse(s, t)
     return total
+
+
+def _probabilities(t: torch.Tensor) -> bool:
+    return bool((t >= 0).all()) and bool(torch.allclose(t.sum(1), torch.ones(len(t),
+                                                                            device=t.device),
+                                                        atol=1e-3))
 
 
 def _relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
