@@ -28,9 +28,12 @@ class SetParam:
 
 @dataclass(frozen=True)
 class Bypass:
-    """Remove a one-input, one-output node: whoever read its output reads its input instead."""
+    """Remove a one-input, one-output node: whoever read its output reads its input instead.
+    With `keep` (a value the node reads), a node of several inputs: its readers read `keep`,
+    and what only the node fed (a residual branch) is removed with it."""
 
     node: str
+    keep: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

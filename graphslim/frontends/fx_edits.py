@@ -87,7 +87,8 @@ HANDLERS = {
     SetAttr: _structural,
     SetParam: lambda c, e: set_param(c.m, _module_called_once(c, e.node), c.kinds[e.node],
                                      e.role, e.value),
-    Bypass: lambda c, e: bypass(c.m, _module_called_once(c, e.node)),
+    Bypass: lambda c, e: bypass(c.m, _module_called_once(c, e.node)) if e.keep is None else
+    bypass_to(c.m, c.nodes[e.node], e.keep),
     ReplaceWithChain: _replace_with_chain,
     ReplaceSubgraph: _replace_subgraph,
 }
@@ -147,6 +148,26 @@ def bypass(m, n: fx.Node) -> None:
     _swap_module(m, n.target, nn.Identity())
     n.replace_all_uses_with(n.all_input_nodes[0])
     m.gm.graph.erase_node(n)
+
+
+def bypass_to(m, n: fx.Node, keep: str) -> None:
+    """Readers of n read its input `keep`; the nodes and submodules only n used are removed
+    (the model becomes the traced GraphModule: the user's forward adds the branch in Python)."""
+    src = [a for a in n.all_input_nodes if a.name == keep]  # fx values are named by node
+    if not src:
+        raise ValueError(f"node '{n.name}' does not read '{keep}'")
+    become_graph_module(m, f"residual branch of '{n.name}' dropped")
+    n.replace_all_uses_with(src[0])
+    m.gm.graph.erase_node(n)
+    m.gm.graph.eliminate_dead_code()
+    m.gm.delete_all_unused_submodules()
+    for user in src[0].users:  # an in-place op (ReLU(inplace=True)) that read the add's fresh
+        if user.op == "call_module":  # sum now writes a tensor others read: autograd refuses
+            mod = m.gm.get_submodule(user.target)
+            if getattr(mod, "inplace", False):
+                mod.inplace = False
+        elif user.kwargs.get("inplace"):
+            user.kwargs = {**user.kwargs, "inplace": False}
 
 
 def apply_structural(m, n: fx.Node, node: Node, e: SliceParam | SetAttr) -> None:

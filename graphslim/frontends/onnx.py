@@ -404,7 +404,7 @@ _HANDLERS = {
                                                         e.source, e.layers),
     SetParam: lambda c, e: edit.set_param(c.m, c.by_name[e.node], c.kinds[e.node], e.role,
                                           e.value),
-    Bypass: lambda c, e: edit.bypass(c.m, c.by_name[e.node]),
+    Bypass: lambda c, e: edit.bypass(c.m, c.by_name[e.node], e.keep),
     ReplaceWithChain: lambda c, e: edit.replace_with_chain(c.m, c.by_name[e.node],
                                                            c.kinds[e.node], e.layers),
     SliceParam: _slice_param,

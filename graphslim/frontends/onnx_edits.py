@@ -173,8 +173,12 @@ def _add_bias_after(m, g: gs.Node, bias: np.ndarray) -> None:
                                     outputs=[out]))
 
 
-def bypass(m, g: gs.Node) -> None:
+def bypass(m, g: gs.Node, keep: str | None = None) -> None:
     data = [t for t in g.inputs if isinstance(t, gs.Variable) and t.name]
+    if keep is not None:  # the nodes only this one fed go with the cleanup after the edits
+        data = [t for t in data if t.name == keep]
+        if not data:
+            raise ValueError(f"node '{g.name}' does not read '{keep}'")
     if len(data) != 1 or not g.outputs:
         raise ValueError(f"node '{g.name}' ({g.op}) does not have exactly one data input")
     src, out = data[0], g.outputs[0]
