@@ -2,7 +2,8 @@
 
     slim-distill student.onnx --teacher original.onnx --data unlabeled.npz -o out.onnx
                  [--epochs 2] [--batch-size 32] [--lr 1e-3] [--temperature 4] [--alpha 0.9]
-                 [--labels KEY] [--freeze-bn] [--eval-data eval.npz] [--seed 0] [--json R]
+                 [--labels KEY] [--freeze-bn auto|yes|no] [--eval-data eval.npz] [--seed 0]
+                 [--json R]
 
 The student is lifted to torch (onnx2torch), trained by knowledge distillation from the teacher
 (run in ONNX Runtime), and written back as ONNX with the student's input and output names,
@@ -47,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.9,
                    help="weight of the teacher's loss against the label loss (with --labels)")
     p.add_argument("--labels", metavar="KEY", help="array of class labels in --data")
-    p.add_argument("--freeze-bn", action="store_true",
-                   help="keep BatchNorm statistics (small or out-of-domain data)")
+    p.add_argument("--freeze-bn", choices=("auto", "yes", "no"), default="auto",
+                   help="keep BatchNorm statistics (auto: with fewer than 1000 samples)")
     p.add_argument("--eval-data", metavar="FILE.npz", help="held-out inputs to judge on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
@@ -106,7 +107,8 @@ def _run(args) -> int:
     trained = graphslim.distill(student, teacher, data, epochs=args.epochs,
                                 batch_size=args.batch_size, lr=args.lr,
                                 temperature=args.temperature, alpha=args.alpha, labels=labels,
-                                freeze_bn=args.freeze_bn, seed=args.seed, history=history)
+                                freeze_bn={"auto": None, "yes": True, "no": False}[args.freeze_bn],
+                                seed=args.seed, history=history)
     after = judge(trained)
     trained.save(args.output)
     report = {"output": args.output, "epochs": history, "before": before, "after": after,

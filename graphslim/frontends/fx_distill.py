@@ -15,11 +15,14 @@ file ending in Softmax) is compared through its logarithm. An ONNX student (grap
 optimize's result on one) is lifted to torch (graphslim/frontends/onnx_lift.py), trained, and
 lowered back to ONNX, checked against the trained module.
 Adam with a cosine schedule over all steps; the student trains in train mode (its BatchNorms
-re-estimate their statistics; `freeze_bn` keeps them in eval mode, for small or out-of-domain
-data: the original's statistics stay), the teacher runs in eval mode without gradients. Seeded
-shuffling and torch.manual_seed make a run repeat. With `metric` (a callable on the student
-module, higher is better) each epoch is scored, training stops when it stops improving for
-`patience` epochs, and the best epoch's weights are kept.
+re-estimate their statistics; `freeze_bn` keeps them in eval mode, the original's statistics
+staying: by default with fewer than _REESTIMATE_BN samples), the teacher runs in eval mode
+without gradients. Seeded shuffling and torch.manual_seed make a run repeat. The start and
+each epoch are scored, by `metric` (a callable on the student module, higher is better) or by
+the loss on a held-out `validate` share of the data; training stops when the score has not
+improved for `patience` epochs, and the best weights are kept (the start's, where training
+did not help: the demo CNN pruned losslessly and distilled on 200 digits fell from agreement
+1.00 to 0.88 before this).
 
 Hand-written around torch's own optimisers and losses: the peers' distillers (NNCF's, PaddleSlim's,
 torchdistill) are tied to their trainers and configs; this is a loop of forty lines.
@@ -39,79 +42,134 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+#: samples from which the student's BatchNorms re-estimate their statistics by default
+#: (freeze_bn=None): the demo CNN distilled on 200 digits (lr 1e-4, 5 epochs) fell from
+#: output cosine 0.84 to 0.56 with them re-estimated and kept 0.84 frozen; the MNIST CNN on 4000
+#: digits recovers 0.970 re-estimated, 0.966 frozen
+_REESTIMATE_BN = 1000
+
+
 def distill(student, teacher, data, *, epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
             temperature: float = 4.0, alpha: float = 0.9, hints: Sequence[str] = (),
             labels=None, device=None, metric: Callable | None = None, patience: int = 1,
-            seed: int = 0, history: list | None = None, progress: bool | None = None,
-            freeze_bn: bool = False):
+            validate: float = 0.1, seed: int = 0, history: list | None = None,
+            progress: bool | None = None, freeze_bn: bool | None = None):
     """Train `student` (an nn.Module or a graphslim fx model) towards `teacher` (an nn.Module, a
     graphslim model of either frontend: an ONNX teacher runs in ONNX Runtime) on `data`
     (an array, or input name -> array, samples first; unlabeled). Returns the student in the
-    form it was given. `history`, when a list, receives one dict per epoch."""
+    form it was given. `history`, when a list, receives one dict per epoch.
+
+    The weights returned are the best of the start and every epoch: by `metric` (higher is
+    better) where given, else by the distillation loss on `validate` (a fraction) of the
+    data, held out from training; so a student the data cannot improve comes back as it was."""
     module, given = _student_module(student)
     inputs = _inputs(data, module, student)
     n = len(next(iter(inputs.values())))
-    _check(epochs, batch_size, lr, temperature, alpha, labels, n)
+    _check(epochs, batch_size, lr, temperature, alpha, labels, n, validate)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    teach = _Teacher(teacher, dev)
+    if freeze_bn is None:
+        freeze_bn = n < _REESTIMATE_BN
+        if freeze_bn and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                             for m in module.modules()):
+            log.info("distill: %d samples (< %d): BatchNorm statistics kept", n,
+                     _REESTIMATE_BN)
     module.to(dev)
-    adapters = _Adapters(module, teach, hints, inputs, dev)
-    params = [*module.parameters(), *adapters.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
-    steps = epochs * -(-n // batch_size)
+    run = _Run(module, _Teacher(teacher, dev), inputs, labels, dev, temperature, alpha, seed)
+    run.adapters = _Adapters(module, run.teacher, hints, inputs, dev)
+    train, held = run.split(validate if metric is None else 0.0)
+    score = (lambda: float(metric(module))) if metric is not None else \
+        (lambda: -run.loss_on(held))
+    best, best_state, stale = score(), copy.deepcopy(module.state_dict()), 0
+    opt = torch.optim.Adam([*module.parameters(), *run.adapters.parameters()], lr=lr)
+    steps = epochs * -(-len(train) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    rng = np.random.default_rng(seed)
-    best, best_state, stale = -np.inf, None, 0
     bar = _progress(steps, progress)
     for epoch in range(epochs):
-        started, total, count = time.perf_counter(), 0.0, 0
-        module.train()
-        if freeze_bn:
-            for m in module.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        for idx in np.array_split(rng.permutation(n), -(-n // batch_size)):
-            feeds = {k: v[idx] for k, v in inputs.items()}
-            t_out, t_feats = teach(feeds, adapters.names)
-            s_out, s_feats = adapters.run(module, feeds, dev)
-            loss = _output_loss(s_out, t_out, temperature, alpha,
-                                None if y is None else y[idx].to(dev))
-            loss = loss + adapters.loss(s_feats, t_feats)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
-            bar.update(1)
-        module.eval()
-        record = {"epoch": epoch, "loss": total / count,
-                  "seconds": time.perf_counter() - started}
+        started = time.perf_counter()
+        loss = run.epoch(train, batch_size, opt, sched, bar, freeze_bn)
+        record = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - started}
+        value = score()
         if metric is not None:
-            record["metric"] = float(metric(module))
+            record["metric"] = value
+        else:
+            record["val_loss"] = -value
         log.info("distill epoch %d: %s", epoch, record)
         if history is not None:
             history.append(record)
-        if metric is None:
-            continue
-        if record["metric"] > best:
-            best, best_state, stale = record["metric"], copy.deepcopy(module.state_dict()), 0
+        if value > best:
+            best, best_state, stale = value, copy.deepcopy(module.state_dict()), 0
         else:
             stale += 1
             if stale >= patience:
                 break
     bar.close()
-    adapters.remove()
-    if best_state is not None:
-        module.load_state_dict(best_state)
+    run.adapters.remove()
+    module.load_state_dict(best_state)
     module.to("cpu").eval()
     return given(module)
 
 
-def _check(epochs, batch_size, lr, temperature, alpha, labels, n) -> None:
+class _Run:
+    """One distillation: the student, its teacher, the data, and the per-batch step."""
+
+    def __init__(self, module, teacher, inputs, labels, dev, temperature, alpha, seed):
+        self.module, self.teacher, self.inputs, self.dev = module, teacher, inputs, dev
+        self.temperature, self.alpha = temperature, alpha
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels),
+                                                                  dtype=torch.long)
+        self.rng = np.random.default_rng(seed)
+        self.adapters = None
+
+    def split(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """(training indices, held-out indices): a seeded `fraction` of the samples held out,
+        none where that leaves fewer than one on either side."""
+        n = len(next(iter(self.inputs.values())))
+        order = np.random.default_rng(0).permutation(n)
+        k = int(round(n * fraction))
+        return (order, order[:0]) if k < 1 or k >= n else (order[k:], order[:k])
+
+    def _loss(self, idx: np.ndarray) -> torch.Tensor:
+        feeds = {k: v[idx] for k, v in self.inputs.items()}
+        t_out, t_feats = self.teacher(feeds, self.adapters.names)
+        s_out, s_feats = self.adapters.run(self.module, feeds, self.dev)
+        labels = None if self.labels is None else self.labels[idx].to(self.dev)
+        loss = _output_loss(s_out, t_out, self.temperature, self.alpha, labels)
+        return loss + self.adapters.loss(s_feats, t_feats)
+
+    def epoch(self, train: np.ndarray, batch_size: int, opt, sched, bar, freeze_bn) -> float:
+        self.module.train()
+        if freeze_bn:
+            for m in self.module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        total = 0.0
+        for idx in np.array_split(self.rng.permutation(train), -(-len(train) // batch_size)):
+            loss = self._loss(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            bar.update(1)
+        self.module.eval()
+        return total / len(train)
+
+    def loss_on(self, held: np.ndarray, batch: int = 256) -> float:
+        """The distillation loss on the held-out samples (0 where there are none)."""
+        if not len(held):
+            return 0.0
+        self.module.eval()
+        with torch.no_grad():
+            return sum(self._loss(held[i:i + batch]).item() * len(held[i:i + batch])
+                       for i in range(0, len(held), batch)) / len(held)
+
+
+def _check(epochs, batch_size, lr, temperature, alpha, labels, n, validate) -> None:
     if epochs < 1 or batch_size < 1 or not lr > 0 or not temperature > 0:
         raise ValueError("epochs and batch_size must be >= 1, lr and temperature > 0")
+    if not 0 <= validate < 1:
+        raise ValueError(f"validate must be in [0, 1) (a fraction held out), not {validate}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1] (weight of the teacher's loss), not {alpha}")
     if labels is not None and len(labels) != n:
