@@ -26,8 +26,8 @@ pytest.importorskip("onnx2torch")
 
 def test_lift_and_lower_a_pruned_real_file_round_trip():
     """PP-OCR's classifier (weights in Constant nodes, opset 11) pruned at 0.3: lifted, then
-    lowered, it gives the pruned file's outputs on real text lines (cosine > 0.99999), with the
-    same input and output names."""
+    lowered (its weights written back), it gives the pruned file's outputs on real text lines
+    (cosine > 0.99999): the same nodes, inputs and outputs."""
     from graphslim.frontends.onnx_lift import lift, lower
 
     src = package_file(*PPOCR_CLS)
@@ -36,7 +36,7 @@ def test_lift_and_lower_a_pruned_real_file_round_trip():
     module = lift(pruned)
     back = lower(module, pruned)
     assert [s.name for s in back.input_specs()] == ["x"]
-    assert list(back.view().outputs) == list(pruned.view().outputs)
+    assert [n.name for n in back.view().nodes()] == [n.name for n in pruned.view().nodes()]
     x, _ = text_line_crops()
     for i in range(0, 12, 3):
         ref, got = pruned.run({"x": x[i:i + 1]}), back.run({"x": x[i:i + 1]})
@@ -59,7 +59,7 @@ def test_slim_distill_recovers_a_pruned_onnx_file(tmp_path):
     student = tmp_path / "pruned.onnx"
     res.model.save(student)
     np.savez(tmp_path / "train.npz", **{name: xtr})
-    np.savez(tmp_path / "eval.npz", **{name: xte[:300]})
+    np.savez(tmp_path / "eval.npz", **{name: xte[::4]})  # 250 digits, every class
     hashes = {p: _sha(p) for p in (teacher, student)}
     out, report = tmp_path / "distilled.onnx", tmp_path / "r.json"
     cmd = [sys.executable, "-m", "graphslim.tools.slim_distill", str(student), "--teacher",
@@ -83,7 +83,7 @@ def test_slim_distill_recovers_a_pruned_onnx_file(tmp_path):
           f"{rep['after']['agreement']:.3f}")
     assert acc_pruned < acc0 - 0.2
     assert acc >= acc0 - 0.01
-    assert rep["after"]["agreement"] > rep["before"]["agreement"] + 0.3
+    assert rep["after"]["agreement"] >= 0.97 > rep["before"]["agreement"]
     assert len(rep["epochs"]) == 2
 
 

@@ -68,6 +68,13 @@ class Frontend(abc.ABC):
         has_gradients)."""
         raise NotImplementedError(f"the {self.name} frontend has no gradients")
 
+    def distilled_params(self, teacher: Frontend, data, **options) -> dict:
+        """Train a copy of this model towards `teacher` on `data` (knowledge distillation,
+        graphslim/frontends/fx_distill.py; `options` as graphslim.distill's) and return the
+        parameters that changed: (node, role) -> array in the canonical layout, for SetParam.
+        Needs torch (and onnx2torch for an ONNX model); graphslim/frontends/fx_distill.py."""
+        raise NotImplementedError(f"the {self.name} frontend cannot be trained")
+
     @abc.abstractmethod
     def view(self) -> GraphView: ...
 

@@ -119,6 +119,10 @@ class FxGraph(Frontend):
     def version(self) -> int:
         return self._version
 
+    def distilled_params(self, teacher, data, **options) -> dict:
+        from graphslim.frontends.fx_distill import distilled_params
+        return distilled_params(self, teacher, data, **options)
+
     def weights_changed(self) -> None:
         """The module's weights were changed outside apply() (trained): cached views and
         analyses of the old ones are dropped."""

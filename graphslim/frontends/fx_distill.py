@@ -165,6 +165,30 @@ class _Run:
                        for i in range(0, len(held), batch)) / len(held)
 
 
+def distilled_params(model, teacher, data, **options) -> dict:
+    """Frontend.distilled_params: a copy of `model` (a graphslim model) distilled towards
+    `teacher`, and the parameters that changed, (node, role) -> array."""
+    if hasattr(model, "to_proto"):  # ONNX: the lifted module is the copy
+        from graphslim.frontends.onnx_lift import lift, trained_params
+
+        return trained_params(model, distill(lift(model), teacher, data, **options))
+    scratch = model.copy()
+    distill(scratch, teacher, data, **options)
+    return changed_params(model.view(), scratch.view())
+
+
+def changed_params(before, after) -> dict:
+    """(node, role) -> the parameter in `after` (a view of the trained copy) wherever it
+    differs from `before` (the same graph, untrained)."""
+    out = {}
+    for node in before.nodes():
+        for role in node.params:
+            old, new = before.param(node.name, role), after.param(node.name, role)
+            if old.shape == new.shape and not np.array_equal(old, new):
+                out[(node.name, role)] = new
+    return out
+
+
 def _check(epochs, batch_size, lr, temperature, alpha, labels, n, validate) -> None:
     if epochs < 1 or batch_size < 1 or not lr > 0 or not temperature > 0:
         raise ValueError("epochs and batch_size must be >= 1, lr and temperature > 0")

@@ -226,6 +226,10 @@ class OnnxGraph(Frontend):
         return name
 
     # --- export, check, run ----------------------------------------------------------------------
+    def distilled_params(self, teacher, data, **options) -> dict:
+        from graphslim.frontends.fx_distill import distilled_params
+        return distilled_params(self, teacher, data, **options)
+
     def to_proto(self) -> onnx.ModelProto:
         if "proto" not in self._cache:
             model = gs.export_onnx(self.graph, do_type_check=False)

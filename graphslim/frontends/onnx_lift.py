@@ -11,15 +11,16 @@ here rather than trusted: the lifted module against ONNX Runtime on the original
 lowered file against the module it came from, on seeded inputs; a mismatch is an error that
 names the file's op where the converter has none.
 
-Lowering is torch.onnx.export (the TorchScript exporter, as fx's to_onnx) with the original's
-input and output names, its input shapes and its opset (at least 13, for QDQ), so the file
-drops in where the original was.
+Lowering writes the trained weights back into the lifted file's own nodes (SetParam per Conv,
+Gemm, BatchNormalization, LayerNormalization: onnx2torch names each module after its node), so
+the result is the same graph with new weights: names, opset, shapes and any quantization
+nodes unchanged. Re-exporting with torch.onnx.export was tried first and dropped: onnx2torch's
+export hooks break on this torch depending on what was imported before (its Shape module asks
+symbolic_helper for an attribute the compatibility module lacks), and the export renames
+every node.
 """
 
 from __future__ import annotations
-
-import os
-import tempfile
 
 import numpy as np
 import torch
@@ -56,28 +57,62 @@ def lift(model) -> nn.Module:
 
 
 def lower(module: nn.Module, like):
-    """The trained module as a graphslim ONNX model with `like`'s inputs, outputs and opset,
-    checked against the module on seeded inputs."""
-    import graphslim
+    """`like` (the ONNX model that was lifted) with the trained module's weights: the same
+    graph, names, opset and shapes, its nodes' parameters set (trained_params)."""
+    from graphslim.edits import SetParam
 
-    specs = like.input_specs()
-    feeds = make_inputs(specs)
-    args = tuple(torch.from_numpy(feeds[s.name]) for s in specs)
-    outputs = list(like.view().outputs)
-    module = module.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "lowered.onnx")
-        torch.onnx.export(module, args, path, input_names=[s.name for s in specs],
-                          output_names=outputs, opset_version=max(13, like.opset),
-                          dynamo=False)
-        out = graphslim.load(path)
-    ref = _forward(module, feeds)
-    got = out.run(feeds)
-    err = compare(dict(zip(got, ref)), got, Tolerance())
-    if err.max_excess > 0 or err.nonfinite:
-        raise StructureError(f"the exported ONNX file disagrees with the trained module "
-                             f"(rel L2 {err.rel_l2:.3g})")
+    out = like.copy()
+    out.apply([SetParam(n, r, v) for (n, r), v in trained_params(like, module).items()])
     return out
+
+
+def trained_params(model, module: nn.Module) -> dict:
+    """(node, role) -> trained weight, for every parameter of `model` its lifted `module`
+    changed: onnx2torch names each module after the node it converts, so a Conv, Gemm,
+    BatchNormalization or LayerNormalization node's weights are its module's (weights it kept
+    as buffers, such as a MatMul's constant, do not train). The model with them set is checked
+    against the module on seeded inputs."""
+    from graphslim.edits import SetParam
+    from graphslim.frontends.fx_ops import ROLE_ATTRS
+    from graphslim.ir import OpKind
+
+    modules = dict(module.named_modules())
+    view = model.view()
+    names = _module_names(model)
+    out = {}
+    for node in view.nodes():
+        sub = modules.get(names.get(node.name, node.name))
+        if sub is None or node.kind not in (OpKind.CONV, OpKind.LINEAR, OpKind.BATCHNORM,
+                                            OpKind.LAYERNORM):
+            continue
+        attrs = ROLE_ATTRS.get(node.kind, {"weight": "weight", "bias": "bias"})
+        for role in node.params:
+            tensor = getattr(sub, attrs.get(role, ""), None)
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            new = tensor.detach().cpu().numpy()
+            old = view.param(node.name, role)
+            if new.shape == old.shape and not np.array_equal(new, old):
+                out[(node.name, role)] = new.astype(old.dtype)
+    check = model.copy()
+    check.apply([SetParam(n, r, v) for (n, r), v in out.items()])
+    feeds = make_inputs(model.input_specs())
+    got = check.run(feeds)
+    err = compare(dict(zip(got, _forward(module.eval(), feeds))), got, Tolerance())
+    if err.max_excess > 0 or err.nonfinite:
+        raise StructureError(f"the trained weights, written back into the ONNX graph, do not "
+                             f"reproduce the trained module (rel L2 {err.rel_l2:.3g}): a layer "
+                             "onnx2torch converted with other weights")
+    return out
+
+
+def _module_names(model) -> dict[str, str]:
+    """ONNX node name -> the name onnx2torch gave its module (domain prefix, '.' as '/', the
+    leading '/' stripped, a counter for repeats), from onnx2torch's own graph wrapper."""
+    from onnx2torch.onnx_graph import OnnxGraph as ConvertedGraph
+
+    graph = model.to_proto().graph
+    return {node.name: name for node, name in zip(graph.node, ConvertedGraph(graph).nodes)}
 
 
 def _forward(module: nn.Module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
