@@ -93,3 +93,9 @@ def batches(data: Mapping[str, np.ndarray], specs: list[TensorSpec], size: int |
             feed[s.name] = np.array(part, dtype=s.dtype, order="C")  # keeps 0-d as 0-d
         yield feed
         start = stop
+
+
+def feed_size(feed: Mapping[str, np.ndarray]) -> int:
+    """Samples in one feed: the first axis of its first non-scalar array (1 if none)."""
+    sizes = [v.shape[0] for v in feed.values() if getattr(v, "ndim", 0) > 0]
+    return sizes[0] if sizes else 1

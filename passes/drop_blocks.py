@@ -162,7 +162,7 @@ class DropBlocks(Pass):
         ranked = sorted(found, key=lambda b: (scores[b.add], b.add))
         plan.notes.append(
             f"ranked {len(found)} blocks by the output change each makes when dropped alone, on "
-            f"{sum(_size(f) for f in feeds)} " + ("SYNTHETIC samples" if synthetic else
+            f"{sum(data_mod.feed_size(f) for f in feeds)} " + ("SYNTHETIC samples" if synthetic else
                                                   "calibration samples"))
         for b in ranked:
             plan.details.append({"block": b.add, "change": scores[b.add]})
@@ -173,15 +173,10 @@ def _first_samples(source, specs, count: int) -> list[dict]:
     feeds, total = [], 0
     for f in data_mod.batches(source, specs):
         feeds.append(f)
-        total += _size(f)
+        total += data_mod.feed_size(f)
         if total >= count:
             break
     return feeds
-
-
-def _size(feed: dict) -> int:
-    sizes = [v.shape[0] for v in feed.values() if getattr(v, "ndim", 0) > 0]
-    return sizes[0] if sizes else 1
 
 
 def _relative_change(ref: list[dict], got: list[dict]) -> float:

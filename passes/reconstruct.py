@@ -110,7 +110,7 @@ class Reconstruct(Pass):
             scratch.apply(edits)
             plan.edits.extend(edits)
         plan.stats["rounds"] = len(rounds)
-        plan.stats["samples"] = sum(_batch_size(f) for f in feeds)
+        plan.stats["samples"] = sum(data_mod.feed_size(f) for f in feeds)
         return plan
 
     def _sites(self, view: GraphView, prov: Provenance, plan: Plan) -> list[_Site]:
@@ -235,7 +235,7 @@ def _sample_targets(sites: list[_Site], reference, feeds: list[dict], count: int
                      if shapes.get(t) and all(isinstance(d, int) for d in shapes[t]))
     step = max(1, _TARGET_BYTES // max(per_sample, 1))
     for feed in feeds:
-        n = _batch_size(feed)
+        n = data_mod.feed_size(feed)
         sizes = {v.shape[0] for v in feed.values() if getattr(v, "ndim", 0) > 0}
         bounds = range(0, n, step) if sizes == {n} else range(0, 1)
         parts: dict[int, list] = {id(s): [] for s in sites}
@@ -342,7 +342,7 @@ def _feeds(source, specs, probes) -> list[dict]:
     """The data in batches of _CAPTURE_BATCH where every (model, value) of `probes` computes
     on them, else in the batch size of the model's inputs (a Reshape to a fixed batch)."""
     big = list(data_mod.batches(source, specs, size=_CAPTURE_BATCH, keep_last=True))
-    if _batch_size(big[0]) > _batch_size(next(data_mod.batches(source, specs))):
+    if data_mod.feed_size(big[0]) > data_mod.feed_size(next(data_mod.batches(source, specs))):
         try:
             for m, value in probes:
                 m.capture(big[0], [value], optimized=True)
@@ -351,11 +351,6 @@ def _feeds(source, specs, probes) -> list[dict]:
             log.info("reconstruct: batches of %d do not run (%s); one batch per run",
                      _CAPTURE_BATCH, str(exc).splitlines()[0][:120])
     return list(data_mod.batches(source, specs))
-
-
-def _batch_size(feed: dict) -> int:
-    sizes = [v.shape[0] for v in feed.values() if getattr(v, "ndim", 0) > 0]
-    return sizes[0] if sizes else 1
 
 
 def _frontiers(view: GraphView, rounds: list[list[_Site]]) -> list[list[str]]:
