@@ -151,3 +151,15 @@ def test_bad_arguments_are_named():
         graphslim.distill(mnist_cnn.build(), teacher, xtr[:8], labels=np.zeros(3))
     with pytest.raises(TypeError, match="must be a torch module or a graphslim model"):
         graphslim.distill(object(), teacher, xtr[:8])
+
+
+def test_too_few_samples_to_hold_out_keeps_the_last_epoch():
+    """4 samples: none can be held out (a tenth rounds to 0), so there is nothing to choose
+    by and the trained weights are kept, not discarded for the start's."""
+    (xtr, _), _ = mnist_cnn.data()
+    student = mnist_cnn.build()
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    history: list = []
+    graphslim.distill(student, mnist_cnn.trained(), xtr[:4], epochs=2, history=history)
+    assert len(history) == 2 and "val_loss" not in history[0]
+    assert any(not torch.equal(v, start[k]) for k, v in student.state_dict().items())

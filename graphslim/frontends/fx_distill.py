@@ -78,8 +78,15 @@ def distill(student, teacher, data, *, epochs: int = 1, batch_size: int = 64, lr
     run = _Run(module, _Teacher(teacher, dev), inputs, labels, dev, temperature, alpha, seed)
     run.adapters = _Adapters(module, run.teacher, hints, inputs, dev)
     train, held = run.split(validate if metric is None else 0.0)
-    score = (lambda: float(metric(module))) if metric is not None else \
-        (lambda: -run.loss_on(held))
+    epoch = -1
+
+    def score() -> float:  # higher is better
+        if metric is not None:
+            return float(metric(module))
+        if len(held):
+            return -run.loss_on(held)
+        return float(epoch)  # too few samples to hold any out: the last epoch is kept
+
     best, best_state, stale = score(), copy.deepcopy(module.state_dict()), 0
     opt = torch.optim.Adam([*module.parameters(), *run.adapters.parameters()], lr=lr)
     steps = epochs * -(-len(train) // batch_size)
@@ -92,7 +99,7 @@ def distill(student, teacher, data, *, epochs: int = 1, batch_size: int = 64, lr
         value = score()
         if metric is not None:
             record["metric"] = value
-        else:
+        elif len(held):
             record["val_loss"] = -value
         log.info("distill epoch %d: %s", epoch, record)
         if history is not None:
