@@ -56,10 +56,13 @@ class Distill(Pass):
         data = dict(analyses.data)
         labels = data.pop(data_mod.LABELS, None)
         history: list = []
-        changed = analyses.model.distilled_params(
-            prov.reference, data, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-            temperature=self.temperature, alpha=self.alpha, labels=labels, seed=self.seed,
-            history=history, progress=False)
+        try:
+            changed = analyses.model.distilled_params(
+                prov.reference, data, epochs=self.epochs, batch_size=self.batch_size,
+                lr=self.lr, temperature=self.temperature, alpha=self.alpha, labels=labels,
+                seed=self.seed, history=history, progress=False)
+        except ImportError as exc:  # an ONNX-only install: say which extra, not a traceback
+            raise ValueError(str(exc)) from None
         plan.edits.extend(SetParam(node, role, value) for (node, role), value in changed.items())
         plan.stats["params_trained"] = len(changed)
         plan.stats["epochs_run"] = len(history)

@@ -76,6 +76,10 @@ def _run(args) -> int:
     from graphslim.fidelity import agreement
     from graphslim.verify import compare
 
+    try:
+        import graphslim.frontends.fx_distill  # noqa: F401  (torch; onnx2torch on lifting)
+    except ImportError as exc:
+        raise graphslim.InputError(str(exc)) from None
     check_output(args.output, (args.student, args.teacher, args.data))
     student = load_model(args.student, args.input_shape)
     teacher = graphslim.load(args.teacher, input_shapes=parse_input_shapes(args.input_shape))

@@ -36,8 +36,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import nn
+
+try:
+    import torch
+    from torch import nn
+except ImportError as _exc:  # an ONNX-only install
+    raise ImportError("distillation needs torch: pip install 'graphslim-engine[torch]' (for "
+                      "ONNX files 'graphslim-engine[onnx-distill]', which adds onnx2torch)"
+                      ) from _exc
 
 log = logging.getLogger(__name__)
 
