@@ -8,8 +8,13 @@ channel x spatial expansion of a flatten), layer-scale constants, reshape target
 sizes and group counts.
 
 How much: `ratio` (fraction of each group's units, `scope=local`; or one ranking across groups,
-scores normalized by each group's mean, `scope=global`), or `target-macs` / `target-params` (a
-fraction of the original; the ratio is bisected on a cost estimate, the result measured). Kept
+scores normalized by each group's mean, `scope=global`), `ratios` (per group,
+`NODE-PATTERN:RATIO;...`, matched against the nodes that create a group's channels; groups no
+pattern matches take `ratio`), `target-macs` / `target-params` (a fraction of the original; the
+ratio is bisected on a cost estimate, the result measured), or `target-latency` (a fraction of
+the original's latency measured on ONNX Runtime CPU at `threads`: per-group ratios chosen on
+measured latency and sensitivity, passes/prune_latency.py, and written into the decided
+pipeline as `ratios`, so the result reproduces elsewhere without measuring). Kept
 counts are rounded so every tensor keeps a multiple of `round-to` channels, at least
 `min-channels`. `round-to=0` (default) takes ONNX Runtime's NCHWc channel block on this CPU: 16
 with AVX-512, else 8 (FIELD-NOTES: off-multiple counts fall out of the blocked layout; measured
@@ -49,6 +54,7 @@ from graphslim.edits import Edit, SetAttr, SliceParam
 from graphslim.ir import WEIGHTED, GraphView, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
 from graphslim.passes import prune_math as pm
+from graphslim.passes.prune_ratios import group_ratios, parse_ratios, ratio_entries
 
 CRITERIA = ("l1", "l2", "bn-scale", "taylor", "recon", "random")
 
@@ -103,8 +109,10 @@ class PruneChannels(Pass):
     summary = "remove whole channels / features / heads, slicing every coupled tensor"
 
     ratio: float = 0.0
+    ratios: tuple[str, ...] = ()
     target_macs: float = 0.0
     target_params: float = 0.0
+    target_latency: float = 0.0
     criterion: str = "l1"
     scope: str = "local"
     round_to: int = 0
@@ -113,21 +121,27 @@ class PruneChannels(Pass):
     heads: bool = False
     exact_only: bool = False
     seed: int = 0
+    threads: int = 1  # ORT intra-op threads target-latency is measured at (0: all cores)
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
             raise ValueError(f"ratio must be in [0, 1), not {self.ratio}")
-        for opt in ("target_macs", "target_params"):
+        for opt in ("target_macs", "target_params", "target_latency"):
             v = getattr(self, opt)
             if not 0 <= v < 1:
                 raise ValueError(f"{opt.replace('_', '-')} must be in (0, 1) (a fraction of the "
                                  f"original), not {v}")
-        given = sum(1 for v in (self.ratio, self.target_macs, self.target_params) if v)
-        if given > 1:
-            raise ValueError("give one of ratio, target-macs, target-params")
-        if not given:
+        parse_ratios(self.ratios)
+        targets = sum(1 for v in (self.target_macs, self.target_params, self.target_latency) if v)
+        if targets > 1 or (targets and (self.ratio or self.ratios)):
+            raise ValueError("give one of ratio / ratios, target-macs, target-params, "
+                             "target-latency")
+        if not (targets or self.ratio or self.ratios):
             raise ValueError("nothing to prune: give ratio=F (fraction of channels removed), "
-                             "target-macs=F or target-params=F (fraction of the original kept)")
+                             "ratios=NODE:F;..., or target-macs=F, target-params=F or "
+                             "target-latency=F (fraction of the original kept)")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: all cores)")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, "
                              f"not '{self.criterion}'")
@@ -142,9 +156,8 @@ class PruneChannels(Pass):
         plan = Plan()
         deps = analyses.get(HeadDepsAnalysis if self.heads else ChannelDepsAnalysis)
         groups = self._candidates(view, deps, plan)
-        if not groups or not (self.ratio or self.target_macs or self.target_params):
-            if not groups:
-                plan.notes.append("no prunable channel group")
+        if not groups:
+            plan.notes.append("no prunable channel group")
             return plan
         base = self.round_to
         if not base:
@@ -154,8 +167,18 @@ class PruneChannels(Pass):
             plan.notes.append(f"round-to {base}: ONNX Runtime's NCHWc channel block on this CPU")
             plan.decided["round_to"] = base  # the decided pipeline prunes the same elsewhere
         scores = self._scores(view, deps, analyses, plan, groups)
-        if self.ratio:
-            removed = self._select(groups, scores, self.ratio, base)
+        per_group = group_ratios(groups, self.ratios, plan)
+        if self.target_latency:
+            from graphslim.passes.prune_latency import allocate
+
+            def edits_for(ratios: dict[int, float]) -> list[Edit]:
+                chosen = self._select(groups, scores, 0.0, base, ratios)
+                return pruning_edits(deps, _keep_pieces_alive(deps, chosen, scores, Plan()))
+
+            per_group = allocate(self, analyses, groups, edits_for, plan)
+            plan.decided.update(target_latency=0.0, ratios=ratio_entries(groups, per_group))
+        if self.ratio or per_group:
+            removed = self._select(groups, scores, self.ratio, base, per_group)
         else:
             removed = self._budget(view, deps, analyses, groups, scores, plan, base)
         removed = _keep_pieces_alive(deps, removed, scores, plan)
@@ -248,8 +271,9 @@ class PruneChannels(Pass):
         return scores, bn
 
     # --- selection -----------------------------------------------------------------------------
-    def _select(self, groups: list[ChannelGroup], scores: dict, ratio: float, base: int
-                ) -> np.ndarray:
+    def _select(self, groups: list[ChannelGroup], scores: dict, ratio: float, base: int,
+                overrides: dict[int, float] | None = None) -> np.ndarray:
+        """Units removed at `ratio` (per group: `overrides`, group index -> ratio, first)."""
         per_group = {}
         if self.scope == "global":
             pool = []
@@ -268,6 +292,7 @@ class PruneChannels(Pass):
         removed = []
         for g in groups:
             r = per_group.get(g.index, ratio) if self.scope == "global" else ratio
+            r = overrides.get(g.index, r) if overrides else r
             step = g.step(base)
             min_unit = min(g.unit_sizes.values()) if g.unit_sizes else 1
             min_keep = -(-self.min_channels // max(1, min_unit))

@@ -1,0 +1,215 @@
+"""prune-channels{target-latency=F}: per-group ratios chosen on measured latency and measured
+sensitivity (NetAdapt, Yang et al. 2018, and HALP, Shen et al. 2022, in a simpler form).
+
+1. Tables, measured in context. For every prunable group g and level r in LEVELS, a trial copy
+   of the model with only g pruned at r (the pass's criterion picks the units) is built. Its
+   latency on ONNX Runtime CPU at the pass's `threads` is timed round-robin with the model as it
+   is, one chunk per group, so each saving is measured against a baseline under the same load;
+   its outputs on calibration samples give the group's loss, the squared relative L2 error of
+   all outputs (error energies of small independent perturbations add, so losses sum).
+   Savings and losses are made monotone in r (timing noise can invert two close levels); the
+   midpoints between levels are interpolated, so the greedy has finer steps than were timed.
+2. Allocation: savings are taken as additive over groups (a multiple-choice knapsack); the
+   greedy repeatedly takes the group step of least loss per millisecond saved (any jump to a
+   higher level of one group, so a level whose saving is hidden in noise does not stop the
+   next), until the predicted latency meets the goal.
+3. Check: the allocation is built and timed against the model. Savings are not additive (a
+   conv between two pruned groups saves 1 - (1-r1)(1-r2), not r1 + r2, and fixed per-op costs
+   do not shrink), so while the measured latency misses the target the goal is tightened by
+   the miss and the greedy runs again, then bisected between a goal that met the target and
+   one that missed it (at most MAX_ROUNDS measurements). A target not met is an error that
+   names what was measured, never a silently slower model.
+
+The pass records the chosen ratios in the decided pipeline (`ratios=...`), so the same result
+comes back on another machine without measuring; the tables land in the plan's details.
+fx models are timed through their ONNX export (what ORT would run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import numpy as np
+
+from graphslim import data as data_mod
+from graphslim.pass_base import Plan
+from graphslim.runtime import cpu_description, time_many
+from graphslim.verify import compare, make_inputs
+
+log = logging.getLogger(__name__)
+
+LEVELS = (0.25, 0.5, 0.75)
+MAX_ROUNDS = 6
+SLACK = 0.02  # a measured latency this far under the target is close enough
+_SAMPLES = 32
+_CHUNK_TIME = 0.6  # seconds of timing per group chunk (scaled by GRAPHSLIM_TIME_BUDGET)
+
+
+def allocate(p, analyses, groups, edits_for, plan: Plan) -> dict[int, float]:
+    """Group index -> ratio meeting `p.target_latency` (p: the PruneChannels pass; edits_for:
+    ratios by group index -> the pruning edits)."""
+    feeds, synthetic = _feeds(analyses)
+    timing_feed = make_inputs(analyses.model.input_specs(), 0)  # the model's own input shape
+    threads = p.threads or None
+    with tempfile.TemporaryDirectory(prefix="graphslim_lat_") as tmp:
+        refs = _Refs(analyses, tmp)
+        base_ref = refs.of([])
+        base_out = _outputs(analyses.model, feeds)
+        table = _tables(groups, edits_for, analyses, refs, base_ref, base_out, feeds,
+                        timing_feed, threads)
+        if not table:
+            raise ValueError("target-latency: no prunable group can lose channels at the "
+                             f"levels {LEVELS} (round-to / min-channels keep them whole)")
+        base_ms = float(np.median([t["base_ms"] for t in table.values()]))
+        best, measured = _search(p.target_latency, table, base_ms, edits_for, refs, base_ref,
+                                 timing_feed, threads, plan)
+    where = f"ONNX Runtime CPU, {p.threads or 'all'} thread(s), {cpu_description()}"
+    plan.details.append({"latency_table": {t["name"]: {
+        "levels": t["levels"], "saved_ms": t["saved"], "loss": t["loss"],
+        "measured": t["measured"]}
+        for t in table.values()}, "base_ms": round(base_ms, 4), "where": where,
+        "data": "synthetic" if synthetic else "calibration"})
+    if best is None:
+        raise ValueError(f"target-latency={p.target_latency} is not met: the closest allocation "
+                         f"measured {measured:.3f} of the original latency on {where} (levels up "
+                         f"to {max(LEVELS)} per group; a lower target needs other passes too)")
+    if synthetic:
+        plan.notes.append("target-latency: sensitivity measured on SYNTHETIC inputs (give "
+                          "calibration data)")
+    return best
+
+
+def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, threads, plan):
+    """(the allocation of least predicted loss measured to meet `target`, or None; the lowest
+    fraction measured). The greedy's goal moves by the measured miss, and once one goal has
+    met the target and one has missed it, it is bisected between them, so the result lands
+    within SLACK under the target rather than wherever the first correction threw it."""
+    goal, ok, fail, closest = target, None, None, float("inf")
+    for round_ in range(MAX_ROUNDS):
+        per_group = _greedy(table, base_ms * (1 - goal))
+        t_base, t_got = time_many([base_ref, refs.of(edits_for(per_group))], timing_feed,
+                                  threads=threads, max_time=2.0)
+        measured = t_got.median / t_base.median
+        closest = min(closest, measured)
+        plan.notes.append(f"target-latency={target}: round {round_ + 1}, goal {goal:.3f}, "
+                          f"measured {measured:.3f} of the original ({t_got.median * 1e3:.3f} "
+                          f"vs {t_base.median * 1e3:.3f} ms)")
+        if measured <= target:
+            ok = (goal, per_group)
+            if target - measured <= SLACK:
+                break
+        else:
+            fail = goal
+            if all(per_group.get(i) == t["levels"][-1] for i, t in table.items()):
+                break  # every group at its top level: nothing more to take
+        if ok is not None and fail is not None:
+            goal = (ok[0] + fail) / 2
+        elif ok is not None:
+            goal = min(0.99, goal + (target - measured))
+        else:
+            goal = goal - (measured - target)
+        if goal <= 0 or (ok is not None and fail is not None and fail - ok[0] < 1e-3):
+            break
+    return (ok[1] if ok else None), closest
+
+
+class _Refs:
+    """ONNX models ORT can time for trial copies (fx: exported to files in `tmp`)."""
+
+    def __init__(self, analyses, tmp: str):
+        self.analyses, self.tmp, self.count = analyses, tmp, 0
+
+    def of(self, edits, trial=None):
+        trial = trial if trial is not None else self.analyses.trial_model(edits)
+        ref = trial.deployable()
+        if ref is None:
+            self.count += 1
+            ref = os.path.join(self.tmp, f"trial{self.count}.onnx")
+            trial.to_onnx(ref)
+        return ref
+
+
+def _tables(groups, edits_for, analyses, refs, base_ref, base_out, feeds, timing_feed,
+            threads) -> dict:
+    """Group index -> {"levels", "saved" (ms), "loss", "base_ms", "name"}."""
+    table = {}
+    for g in groups:
+        levels, models, losses, seen = [], [], [], set()
+        for r in LEVELS:
+            edits = edits_for({g.index: r})
+            key = tuple((getattr(e, "node", ""), len(getattr(e, "keep", ()))) for e in edits)
+            if not edits or key in seen:  # rounding left this level as the one below
+                continue
+            seen.add(key)
+            trial = analyses.trial_model(edits)
+            losses.append(_loss(base_out, _outputs(trial, feeds)))
+            models.append(refs.of(edits, trial))
+            levels.append(r)
+        if not levels:
+            continue
+        times = time_many([base_ref, *models], timing_feed, threads=threads,
+                          max_time=_CHUNK_TIME)
+        base = times[0].median * 1e3
+        saved = np.maximum.accumulate([max(0.0, base - t.median * 1e3) for t in times[1:]])
+        loss = np.maximum.accumulate(losses)
+        table[g.index] = {"name": g.spaces[0], "base_ms": base, "measured": levels,
+                          **_with_midpoints(levels, saved, loss)}
+    return table
+
+
+def _with_midpoints(levels, saved, loss) -> dict:
+    """The measured levels with the midpoints between them (and below the first) linearly
+    interpolated: finer steps for the greedy, whose choice the final measurement checks."""
+    xs, ss, ls = [0.0, *levels], [0.0, *saved], [0.0, *loss]
+    out = {"levels": [], "saved": [], "loss": []}
+    for k in range(1, len(xs)):
+        for x, s_, l_ in (((xs[k - 1] + xs[k]) / 2, (ss[k - 1] + ss[k]) / 2,
+                           (ls[k - 1] + ls[k]) / 2), (xs[k], ss[k], ls[k])):
+            out["levels"].append(round(x, 4))
+            out["saved"].append(round(float(s_), 4))
+            out["loss"].append(float(l_))
+    return out
+
+
+def _greedy(table: dict, need_ms: float) -> dict[int, float]:
+    """Cheapest steps (loss per ms saved) until the predicted saving reaches need_ms."""
+    at = {i: -1 for i in table}  # index into the group's levels; -1: unpruned
+    saved = 0.0
+    while saved < need_ms:
+        best = None
+        for i, t in table.items():
+            s0 = t["saved"][at[i]] if at[i] >= 0 else 0.0
+            l0 = t["loss"][at[i]] if at[i] >= 0 else 0.0
+            for j in range(at[i] + 1, len(t["levels"])):
+                gain = t["saved"][j] - s0
+                if gain <= 0:
+                    continue
+                rate = (t["loss"][j] - l0) / gain
+                if best is None or rate < best[0]:
+                    best = (rate, i, j, gain)
+        if best is None:
+            break
+        _, i, j, gain = best
+        at[i] = j
+        saved += gain
+    return {i: table[i]["levels"][k] for i, k in at.items() if k >= 0}
+
+
+def _feeds(analyses) -> tuple[list[dict], bool]:
+    from graphslim.analyses.activations import data_or_synthetic
+
+    source, synthetic = data_or_synthetic(analyses, "target-latency sensitivities")
+    specs = analyses.model.input_specs()
+    source = {k: np.asarray(v)[:_SAMPLES] for k, v in source.items()}
+    return list(data_mod.batches(source, specs)), synthetic
+
+
+def _outputs(model, feeds) -> dict:
+    return {f"{i}:{k}": v for i, f in enumerate(feeds)
+            for k, v in model.run(f, deployed=True).items()}
+
+
+def _loss(ref: dict, got: dict) -> float:
+    return float(compare(ref, got).rel_l2 ** 2)
