@@ -99,3 +99,15 @@ def feed_size(feed: Mapping[str, np.ndarray]) -> int:
     """Samples in one feed: the first axis of its first non-scalar array (1 if none)."""
     sizes = [v.shape[0] for v in feed.values() if getattr(v, "ndim", 0) > 0]
     return sizes[0] if sizes else 1
+
+
+def read_npz(path: str, specs: list[TensorSpec], what: str) -> dict[str, np.ndarray]:
+    """A data .npz (one array per input name, samples first, optionally `labels`), checked
+    against the input specs; InputError naming the file when it cannot be read."""
+    try:
+        with np.load(path) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {what} data '{path}': {exc}") from None
+    validate(data, specs)
+    return data

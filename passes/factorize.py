@@ -84,6 +84,7 @@ class FactorizeLowRank(Pass):
     min_saving: float = 0.1
     layers: str = "all"
     exclude: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()  # node-name patterns: factorize these alone (sensitivity trials)
     hooi_iters: int = 0
     data_aware: bool = False
     measure: bool = False
@@ -140,6 +141,8 @@ class FactorizeLowRank(Pass):
 
     def _wanted(self, node: Node) -> bool:
         if self.layers != "all" and node.kind is not _LAYER_KINDS[self.layers]:
+            return False
+        if self.only and not any(fnmatch.fnmatch(node.name, p) for p in self.only):
             return False
         return not any(fnmatch.fnmatch(node.name, p) for p in self.exclude)
 

@@ -9,10 +9,9 @@ sensitivity (NetAdapt, Yang et al. 2018, and HALP, Shen et al. 2022, in a simple
    all outputs (error energies of small independent perturbations add, so losses sum).
    Savings and losses are made monotone in r (timing noise can invert two close levels); the
    midpoints between levels are interpolated, so the greedy has finer steps than were timed.
-2. Allocation: savings are taken as additive over groups (a multiple-choice knapsack); the
-   greedy repeatedly takes the group step of least loss per millisecond saved (any jump to a
-   higher level of one group, so a level whose saving is hidden in noise does not stop the
-   next), until the predicted latency meets the goal.
+2. Allocation (graphslim/budget/allocate.py): savings are taken as additive over groups (a
+   multiple-choice knapsack); the greedy takes the group step of least loss per millisecond
+   saved until the predicted latency meets the goal.
 3. Check: the allocation is built and timed against the model. Savings are not additive (a
    conv between two pruned groups saves 1 - (1-r1)(1-r2), not r1 + r2, and fixed per-op costs
    do not shrink), so while the measured latency misses the target the goal is tightened by
@@ -34,6 +33,7 @@ import tempfile
 import numpy as np
 
 from graphslim import data as data_mod
+from graphslim.budget.allocate import greedy, monotone, with_midpoints
 from graphslim.pass_base import Plan
 from graphslim.runtime import cpu_description, time_many
 from graphslim.verify import compare, make_inputs
@@ -88,7 +88,7 @@ def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, thre
     within SLACK under the target rather than wherever the first correction threw it."""
     goal, ok, fail, closest = target, None, None, float("inf")
     for round_ in range(MAX_ROUNDS):
-        per_group = _greedy(table, base_ms * (1 - goal))
+        per_group = greedy(table, base_ms * (1 - goal))
         t_base, t_got = time_many([base_ref, refs.of(edits_for(per_group))], timing_feed,
                                   threads=threads, max_time=2.0)
         measured = t_got.median / t_base.median
@@ -152,49 +152,10 @@ def _tables(groups, edits_for, analyses, refs, base_ref, base_out, feeds, timing
         times = time_many([base_ref, *models], timing_feed, threads=threads,
                           max_time=_CHUNK_TIME)
         base = times[0].median * 1e3
-        saved = np.maximum.accumulate([max(0.0, base - t.median * 1e3) for t in times[1:]])
-        loss = np.maximum.accumulate(losses)
+        saved = monotone([max(0.0, base - t.median * 1e3) for t in times[1:]])
         table[g.index] = {"name": g.spaces[0], "base_ms": base, "measured": levels,
-                          **_with_midpoints(levels, saved, loss)}
+                          **with_midpoints(levels, saved, monotone(losses))}
     return table
-
-
-def _with_midpoints(levels, saved, loss) -> dict:
-    """The measured levels with the midpoints between them (and below the first) linearly
-    interpolated: finer steps for the greedy, whose choice the final measurement checks."""
-    xs, ss, ls = [0.0, *levels], [0.0, *saved], [0.0, *loss]
-    out = {"levels": [], "saved": [], "loss": []}
-    for k in range(1, len(xs)):
-        for x, s_, l_ in (((xs[k - 1] + xs[k]) / 2, (ss[k - 1] + ss[k]) / 2,
-                           (ls[k - 1] + ls[k]) / 2), (xs[k], ss[k], ls[k])):
-            out["levels"].append(round(x, 4))
-            out["saved"].append(round(float(s_), 4))
-            out["loss"].append(float(l_))
-    return out
-
-
-def _greedy(table: dict, need_ms: float) -> dict[int, float]:
-    """Cheapest steps (loss per ms saved) until the predicted saving reaches need_ms."""
-    at = {i: -1 for i in table}  # index into the group's levels; -1: unpruned
-    saved = 0.0
-    while saved < need_ms:
-        best = None
-        for i, t in table.items():
-            s0 = t["saved"][at[i]] if at[i] >= 0 else 0.0
-            l0 = t["loss"][at[i]] if at[i] >= 0 else 0.0
-            for j in range(at[i] + 1, len(t["levels"])):
-                gain = t["saved"][j] - s0
-                if gain <= 0:
-                    continue
-                rate = (t["loss"][j] - l0) / gain
-                if best is None or rate < best[0]:
-                    best = (rate, i, j, gain)
-        if best is None:
-            break
-        _, i, j, gain = best
-        at[i] = j
-        saved += gain
-    return {i: table[i]["levels"][k] for i, k in at.items() if k >= 0}
 
 
 def _feeds(analyses) -> tuple[list[dict], bool]:

@@ -104,15 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _npz(path: str, model, what: str) -> dict:
-    from graphslim.data import validate
+    from graphslim.data import read_npz
 
-    try:
-        with np.load(path) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise graphslim.InputError(f"cannot read {what} data '{path}': {exc}") from None
-    validate(data, model.input_specs())
-    return data
+    return read_npz(path, model.input_specs(), what)
 
 
 def _data(args, model, pipeline) -> tuple[dict | None, dict | None, list[str]]:
