@@ -14,9 +14,10 @@ sensitivity (NetAdapt, Yang et al. 2018, and HALP, Shen et al. 2022, in a simple
    saved until the predicted latency meets the goal.
 3. Check: the allocation is built and timed against the model. Savings are not additive (a
    conv between two pruned groups saves 1 - (1-r1)(1-r2), not r1 + r2, and fixed per-op costs
-   do not shrink), so while the measured latency misses the target the goal is tightened by
-   the miss and the greedy runs again, then bisected between a goal that met the target and
-   one that missed it (at most MAX_ROUNDS measurements). A target not met is an error that
+   do not shrink), so while the measured latency misses the target the predicted saving asked
+   for is scaled by the share of it that was measured (a secant step) and the greedy runs
+   again, then the goal is bisected between one that met the target and one that missed it
+   (at most MAX_ROUNDS measurements). A target not met is an error that
    names what was measured, never a silently slower model.
 
 The pass records the chosen ratios in the decided pipeline (`ratios=...`), so the same result
@@ -40,8 +41,8 @@ from graphslim.verify import compare, make_inputs
 
 log = logging.getLogger(__name__)
 
-LEVELS = (0.25, 0.5, 0.75)
-MAX_ROUNDS = 6
+LEVELS = (0.25, 0.5, 0.75, 0.875)
+MAX_ROUNDS = 8
 SLACK = 0.02  # a measured latency this far under the target is close enough
 _SAMPLES = 32
 _CHUNK_TIME = 0.6  # seconds of timing per group chunk (scaled by GRAPHSLIM_TIME_BUDGET)
@@ -83,7 +84,7 @@ def allocate(p, analyses, groups, edits_for, plan: Plan) -> dict[int, float]:
 
 def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, threads, plan):
     """(the allocation of least predicted loss measured to meet `target`, or None; the lowest
-    fraction measured). The greedy's goal moves by the measured miss, and once one goal has
+    fraction measured). The greedy's goal moves by a secant step, and once one goal has
     met the target and one has missed it, it is bisected between them, so the result lands
     within SLACK under the target rather than wherever the first correction threw it."""
     goal, ok, fail, closest = target, None, None, float("inf")
@@ -106,11 +107,14 @@ def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, thre
                 break  # every group at its top level: nothing more to take
         if ok is not None and fail is not None:
             goal = (ok[0] + fail) / 2
-        elif ok is not None:
-            goal = min(0.99, goal + (target - measured))
-        else:
-            goal = goal - (measured - target)
-        if goal <= 0 or (ok is not None and fail is not None and fail - ok[0] < 1e-3):
+        else:  # scale the predicted saving by how much of it was measured (a secant step),
+            # at most halving the goal at once (savings flatten out as groups run out)
+            step = 1 - (1 - target) * (1 - goal) / max(1 - measured, 1e-3)
+            step = max(step, goal / 2) if ok is None else min(step, 0.99)
+            if abs(step - goal) < 1e-3:
+                break
+            goal = step
+        if ok is not None and fail is not None and fail - ok[0] < 1e-3:
             break
     return (ok[1] if ok else None), closest
 

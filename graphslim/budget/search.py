@@ -1,10 +1,11 @@
 """Search to a budget: "half the latency on this machine, at most 2 points lost".
 
 1. Sensitivity (graphslim/budget/sensitivity.py): every prunable channel group alone at each
-   level, judged on the evaluation data, with its MACs, size and (for a latency target) its
-   latency measured against the original.
+   level, its output error measured on the calibration data (the evaluation data where no
+   calibration data is given), with its MACs, size and (for a latency target) its latency
+   measured against the original.
 2. Candidates: for a sweep of goals around the target, the per-group ratios of least total
-   output error (squared rel L2 against the original on the evaluation data: continuous where
+   output error (squared rel L2 against the original: continuous where
    a metric on a few samples moves in steps, and additive) whose predicted saving meets the
    goal (graphslim/budget/allocate.py; savings are not additive, hence the sweep), each
    with every recovery option asked for (`reconstruct`: a least-squares refit against the
@@ -119,20 +120,23 @@ def compress(model: str, eval_data, calib_data=None, *, target: dict | None, max
         shapes = tuple(sorted((input_shapes or {}).items()))
         sens = None
         if pipeline is None:
-            sens = sensitivity(model, evalp, calibp, levels=levels, metric=metric,
-                               workers=workers, cache=cache, timing=kind == "latency",
-                               threads=threads, prefix=prefix, input_shapes=input_shapes)
+            # curves on the calibration data where there is some (the allocation needs only
+            # the output error, no labels), so the evaluation data judges candidates and
+            # nothing else is fitted to it
+            sens = sensitivity(model, calibp or evalp, calibp, levels=levels,
+                               metric="cosine" if calibp else metric, workers=workers,
+                               cache=cache, timing=kind == "latency", threads=threads,
+                               prefix=prefix, input_shapes=input_shapes)
             texts = candidates(sens, key, goal, prefix, recover, int8, threads)
-            value_before = sens.value_before
         else:
             texts = [pipeline]
         tasks = [Task(model, t, evalp, calibp, metric, threads, True, shapes) for t in texts]
         trials = map_tasks(run_trial, tasks, workers)
     good = [t for t in trials if not t["error"]]
-    if pipeline is not None:
-        if not good:
-            raise ValueError(f"the pipeline failed: {trials[0]['error']}")
-        value_before = good[0]["value_before"]
+    if not good:
+        raise ValueError(f"every candidate failed, e.g. {trials[0]['pipeline']}: "
+                         f"{trials[0]['error']}")
+    value_before = good[0]["value_before"]
     res = SearchResult(dict(target), max_drop, metric if isinstance(metric, str) else
                        "metric", value_before, good, pareto(good, key),
                        sensitivity=sens.as_dict() if sens else None)
