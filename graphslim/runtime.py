@@ -120,21 +120,31 @@ def time_many(models: list, feeds: dict[str, np.ndarray], provider: str = "cpu",
               threads: int | None = 1, max_time: float = 3.0, min_rounds: int = 5,
               max_rounds: int = 200) -> list[Latency]:
     """Latency of several ONNX models on the same feeds, timed round-robin (one call of each
-    per round, the order rotated each round) so all see the same machine load."""
-    runs = [session_runner(make_session(m, provider, "all", threads), feeds) for m in models]
-    for run in runs:
+    per round, the order rotated each round) so all see the same machine load.
+
+    Each model is timed on two sessions, created in mirrored order (A B C, then C B A), its
+    calls pooled: one ORT CPU session of a model runs 1-3% faster or slower than another of
+    the same file (memory placement; measured here on identical copies, with the arena,
+    memory patterns and prepacking on or off), and the earlier created tend to be slower, so
+    one session each would make the first model look slower than itself. Two mirrored
+    sessions halve that offset's variance and cancel the drift with creation order."""
+    n = len(models)
+    order = [*range(n), *reversed(range(n))]
+    runs = [(i, session_runner(make_session(models[i], provider, "all", threads), feeds))
+            for i in order]
+    for _, run in runs:
         for _ in range(3):
             run()
-    times: list[list[float]] = [[] for _ in runs]
+    times: list[list[float]] = [[] for _ in range(n)]
     max_time *= timing_scale()
     start = time.perf_counter()
     for r in range(max_rounds):
         if r >= min_rounds and time.perf_counter() - start > max_time:
             break
         k = r % len(runs)
-        for i in [*range(k, len(runs)), *range(k)]:
+        for i, run in [*runs[k:], *runs[:k]]:
             t0 = time.perf_counter()
-            runs[i]()
+            run()
             times[i].append(time.perf_counter() - t0)
     return [_stats(t) for t in times]
 

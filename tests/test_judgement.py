@@ -103,6 +103,17 @@ def test_decided_pipeline_records_the_channel_block():
     assert report.as_dict()["decided"] == report.decided
 
 
+def test_time_many_times_each_model_on_two_mirrored_sessions():
+    from graphslim.runtime import time_many
+
+    pruned = graphslim.optimize(graphslim.load(MODEL, input_shapes=SHAPE),
+                                "prune-channels{ratio=0.5}").model.deployable()
+    feeds = {"image": np.zeros((1, 1, 28, 28), np.float32)}
+    times = time_many([MODEL, pruned], feeds, max_time=0.05, min_rounds=6, max_rounds=6)
+    # 6 rounds x 2 sessions each; both sessions' calls pooled per model
+    assert [t.samples for t in times] == [12, 12] and all(t.median > 0 for t in times)
+
+
 def test_qdq_latency_choice_is_measured_and_reproduces(digits):
     """choose=latency times float and int8 variants in context; whatever it picks is written
     into the pipeline text, and that text gives the same model without measuring."""

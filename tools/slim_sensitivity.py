@@ -38,7 +38,8 @@ def build_parser():
     p.add_argument("--kinds", default="prune", help="comma-separated: prune, factorize, qdq")
     p.add_argument("--levels", default="0.25,0.5,0.75")
     p.add_argument("--metric", default="agreement", choices=("agreement", "cosine", "accuracy"))
-    p.add_argument("--prefix", default="", help="passes before each point, e.g. fold-bn")
+    p.add_argument("--prefix", default="fold-bn",
+                   help="passes before each point (default fold-bn; '' for none)")
     p.add_argument("--workers", default="1", help="N local processes, ray, or ray:ADDRESS")
     p.add_argument("--timing", action="store_true", help="also time each point")
     p.add_argument("--threads", type=int, default=1)
