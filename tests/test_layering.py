@@ -121,6 +121,12 @@ def test_passes_import_no_backend():
     assert bad == []
 
 
+def _is_attrs(expr: ast.expr) -> bool:
+    """`node.attrs` or a local named attrs (not any dict: a recipe's [target] table is fine)."""
+    return (isinstance(expr, ast.Attribute) and expr.attr == "attrs") or \
+        (isinstance(expr, ast.Name) and expr.id == "attrs")
+
+
 def _spelling_reads(path: pathlib.Path) -> list[str]:
     """Places that compare a node's frontend spelling (`x.op == ...`, `x.op in ...`) or read fx
     call arguments / module targets from attrs (`attrs["args"]`, `attrs.get("kwargs")`)."""
@@ -130,14 +136,16 @@ def _spelling_reads(path: pathlib.Path) -> list[str]:
             sides = [node.left, *node.comparators]
             if any(isinstance(s, ast.Attribute) and s.attr == "op" for s in sides):
                 found.append(f"{path.name}:{node.lineno} compares .op")
-            if any(isinstance(s, ast.Attribute) and s.attr == "value" and
+            if any(isinstance(s, ast.Attribute) and s.attr in ("value", "name") and
                    isinstance(s.value, ast.Attribute) and s.value.attr == "kind" for s in sides):
-                found.append(f"{path.name}:{node.lineno} compares .kind.value (a string)")
+                found.append(f"{path.name}:{node.lineno} compares .kind.value/.name (a string)")
         key = None
-        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and \
+                _is_attrs(node.value):
             key = node.slice.value
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                node.func.attr == "get" and node.args and isinstance(node.args[0], ast.Constant):
+                node.func.attr == "get" and _is_attrs(node.func.value) and node.args and \
+                isinstance(node.args[0], ast.Constant):
             key = node.args[0].value
         if key in ("args", "kwargs", "target"):
             found.append(f"{path.name}:{node.lineno} reads attrs['{key}']")
@@ -148,7 +156,8 @@ def test_passes_and_analyses_read_meaning_not_spelling():
     """shared/DESIGN.md rule 6: outside graphslim/frontends/ nothing compares Node.op or reads
     fx call arguments; passes read OpKind and the typed attributes of graphslim.ir."""
     files = [*(ROOT / "passes").rglob("*.py"), *(ROOT / "graphslim" / "analyses").rglob("*.py"),
-             *(p for p in (ROOT / "graphslim").glob("*.py"))]
+             *(p for p in (ROOT / "graphslim").glob("*.py")),
+             *(ROOT / "graphslim" / "budget").rglob("*.py")]
     bad = [hit for p in files for hit in _spelling_reads(p)]
     assert bad == []
 
@@ -156,8 +165,9 @@ def test_passes_and_analyses_read_meaning_not_spelling():
 def test_the_spelling_check_sees_op_compares(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("if node.op == 'Slice' or n.attrs.get('args'):\n    pass\n"
-                     "if node.kind.value in ('batchnorm',):\n    pass\n")
-    assert len(_spelling_reads(probe)) == 3
+                     "if node.kind.value in ('batchnorm',):\n    pass\n"
+                     "if node.kind.name in ('CONV',):\n    pass\n")
+    assert len(_spelling_reads(probe)) == 4
 
 
 def test_no_module_over_about_400_lines():

@@ -26,10 +26,11 @@ import numpy as np
 
 from graphslim.budget.trials import Task, cached, run_trial
 from graphslim.budget.workers import map_tasks
+from graphslim.ir import OpKind
 
 KINDS = ("prune", "factorize", "qdq")
 LEVELS = (0.25, 0.5, 0.75)
-_LAYERS = ("CONV", "LINEAR", "MATMUL")
+_LAYERS = (OpKind.CONV, OpKind.LINEAR, OpKind.MATMUL)
 
 
 @dataclass
@@ -161,7 +162,7 @@ def _points(path, kinds, levels, prefix, round_to, shapes) -> tuple[list, dict]:
             for lv in levels:
                 points.append(("prune", name, lv, f"{pre}prune-channels{{ratios="
                                f"{glob.escape(name)}:{lv:g},round-to={round_to}}}"))
-    layers = [n.name for n in model.view().nodes() if n.kind.name in _LAYERS]
+    layers = [n.name for n in model.view().nodes() if n.kind in _LAYERS]
     if "factorize" in kinds:
         for name in layers:
             for lv in levels:
