@@ -30,19 +30,13 @@ import os
 import tempfile
 import time
 
-import numpy as np
-
 import graphslim
+from graphslim.benchmarks.budget_search import agreement, top1
+from graphslim.errors import PassError
 from graphslim.runtime import cpu_info, time_models
 from graphslim.verify import make_inputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _agreement(model, name, x, ref) -> float:
-    out = np.concatenate([next(iter(model.run({name: x[i:i + 1]}, deployed=True).values()))
-                          for i in range(len(x))])
-    return float(np.mean(out.argmax(1) == ref))
 
 
 def _lat(a, b, specs, seconds=8.0) -> float:
@@ -124,7 +118,9 @@ def _real_cases():
     yield ("orientation (PP-LCNet)", src, name, (1, 3, 224, 224), natural_photos(32), x, 0.6)
     src = require(*PPOCR_CLS)
     (calib, _), (x, _) = split_text_lines(*text_line_crops())
-    yield ("PP-OCR text-angle cls", src, "x", (1, 3, 48, 192), calib, x, 0.6)
+    # pruning alone floors at about 0.71 of its latency here (fixed per-op costs of a 0.6 MMAC
+    # model): 0.8 is a target it can meet
+    yield ("PP-OCR text-angle cls", src, "x", (1, 3, 48, 192), calib, x, 0.8)
 
 
 def section_fidelity(workdir: str) -> list[str]:
@@ -133,21 +129,27 @@ def section_fidelity(workdir: str) -> list[str]:
              "latency, agreement |", "|---|---|---|---|---|"]
     for label, src, name, shape, calib, x, target in _real_cases():
         model = graphslim.load(src, input_shapes={name: shape})
-        ref = np.concatenate([next(iter(model.run({name: x[i:i + 1]}).values()))
-                              for i in range(len(x))]).argmax(1)
+        ref = top1(model, name, x, deployed=False)
         for recover in ("", ",reconstruct"):
-            res = graphslim.optimize(model, f"fold-bn,prune-channels{{target-latency={target}}}"
-                                     f"{recover}", data={name: calib}, verify="end")
+            try:
+                res = graphslim.optimize(model, f"fold-bn,prune-channels{{target-latency="
+                                         f"{target}}}{recover}", data={name: calib}, verify="end")
+            except PassError as exc:  # a missed target is a result: say how close it came
+                closest = str(exc).split("closest allocation measured ")[-1].split(" ")[0]
+                lines.append(f"| {label} | {target} | {recover.strip(',') or 'none'} | not met "
+                             f"(closest {closest}) | |")
+                print(lines[-1], flush=True)
+                continue
             out = os.path.join(workdir, "la.onnx")
             res.model.save(out)
             lat = _lat(src, out, model.input_specs())
-            agree = _agreement(res.model, name, x, ref)
+            agree = agreement(res.model, name, x, ref)
             r_uni, l_uni = _uniform_at(model, src, lat, {name: calib}, workdir, recover)
             uni = graphslim.optimize(model, f"fold-bn,prune-channels{{ratio={r_uni:.4f}}}"
                                      f"{recover}", data={name: calib}, verify="end")
             lines.append(f"| {label} | {target} | {recover.strip(',') or 'none'} | {lat:.3f}, "
                          f"**{agree:.3f}** | {r_uni:.3f}, {l_uni:.3f}, "
-                         f"{_agreement(uni.model, name, x, ref):.3f} |")
+                         f"{agreement(uni.model, name, x, ref):.3f} |")
             print(lines[-1], flush=True)
     return lines
 

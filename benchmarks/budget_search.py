@@ -33,10 +33,15 @@ def _cases(workdir: str):
     yield "MNIST CNN (trained here)", path, "x", None, xtr[:128], xte[:500]
 
 
-def _agreement(model, name, x, ref) -> float:
-    out = np.concatenate([next(iter(model.run({name: x[i:i + 1]}, deployed=True).values()))
-                          for i in range(len(x))])
-    return float(np.mean(out.argmax(1) == ref))
+def top1(model, name, x, deployed=True) -> np.ndarray:
+    """Argmax of the first output, one sample at a time (the models are exported at batch 1)."""
+    return np.concatenate([next(iter(model.run({name: x[i:i + 1]}, deployed=deployed).values()))
+                           for i in range(len(x))]).argmax(1)
+
+
+def agreement(model, name, x, ref) -> float:
+    """Top-1 agreement of `model` with the original's labels `ref` on inputs `x`."""
+    return float(np.mean(top1(model, name, x) == ref))
 
 
 def section_macs(workdir: str) -> list[str]:
@@ -50,8 +55,7 @@ def section_macs(workdir: str) -> list[str]:
     for label, path, name, shape, calib, x in _cases(workdir):
         shapes = {name: shape} if shape else None
         model = graphslim.load(path, input_shapes=shapes)
-        ref = np.concatenate([next(iter(model.run({name: x[i:i + 1]}).values()))
-                              for i in range(len(x))]).argmax(1)
+        ref = top1(model, name, x, deployed=False)
         sens = sensitivity(path, {name: calib}, metric="cosine", prefix="fold-bn",
                            input_shapes=shapes)
         table = {n: with_midpoints([p["level"] for p in pts], monotone([1 - p["macs"]
@@ -70,8 +74,8 @@ def section_macs(workdir: str) -> list[str]:
                     f"{sens.round_to}}}{recover}", data={name: calib}, verify="end")
                 u_macs = uni.report.final.macs / uni.report.original.macs
                 lines.append(f"| {label} | {recover.strip(',') or 'none'} | {macs:.3f} | "
-                             f"**{_agreement(alloc.model, name, x, ref):.3f}** | "
-                             f"{_agreement(uni.model, name, x, ref):.3f} (MACs {u_macs:.3f}) |")
+                             f"**{agreement(alloc.model, name, x, ref):.3f}** | "
+                             f"{agreement(uni.model, name, x, ref):.3f} (MACs {u_macs:.3f}) |")
                 print(lines[-1], flush=True)
     return lines
 

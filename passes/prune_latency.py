@@ -89,6 +89,7 @@ def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, thre
     met the target and one has missed it, it is bisected between them, so the result lands
     within SLACK under the target rather than wherever the first correction threw it."""
     goal, ok, fail, closest, rounds = target, None, None, float("inf"), []
+    most = greedy(table, float("inf"))
     for round_ in range(MAX_ROUNDS):
         per_group = greedy(table, base_ms * (1 - goal))
         t_base, t_got = time_many([base_ref, refs.of(edits_for(per_group))], timing_feed,
@@ -105,8 +106,8 @@ def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, thre
                 break
         else:
             fail = goal
-            if all(per_group.get(i) == t["levels"][-1] for i, t in table.items()):
-                break  # every group at its top level: nothing more to take
+            if per_group == most:
+                break  # the greedy takes everything with a measured saving: no more to take
         if ok is not None and fail is not None:
             goal = (ok[0] + fail) / 2
         else:  # scale the predicted saving by how much of it was measured (a secant step),
