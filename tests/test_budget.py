@@ -187,7 +187,7 @@ def test_slim_sensitivity_cli(digit_files, tmp_path):
     assert "drop@0.5" in r.stdout
     curves = json.loads((tmp_path / "s.json").read_text())["curves"]["prune"]
     # fold-bn first (the default prefix): l1 sees the BN scales this CNN was trained to zero
-    # in half its channels, so the stem at 0.5 loses nothing (unfolded: 0.9 of its accuracy)
+    # in half its channels, so the stem at 0.5 loses nothing (unfolded it loses 0.9 of it)
     assert curves["/0/Conv"][0]["drop"] <= 0.01
     bad = _tool("slim_sensitivity", model, "--eval-data", evalp, "--kinds", "qdq")
     assert bad.returncode == 2 and "calibration data" in bad.stderr
