@@ -66,14 +66,14 @@ def section_macs(workdir: str) -> list[str]:
         seen = set()
         for goal in (0.7, 0.5, 0.35):
             ratios = ";".join(f"{_esc(n)}:{r:g}" for n, r in greedy(table, 1 - goal).items())
-            if ratios in seen:  # rounding gave the allocation of the goal before
-                continue
-            seen.add(ratios)
             for recover in ("", ",reconstruct"):
                 text = f"fold-bn,prune-channels{{ratios={ratios},round-to={sens.round_to}}}"
                 alloc = graphslim.optimize(model, text + recover, data={name: calib},
                                            verify="end")
                 macs = alloc.report.final.macs / alloc.report.original.macs
+                if (round(macs, 4), recover) in seen:  # rounding gave the goal before's model
+                    continue
+                seen.add((round(macs, 4), recover))
                 uni = graphslim.optimize(
                     model, f"fold-bn,prune-channels{{target-macs={macs + 1e-4:.4f},round-to=1}}"
                     f"{recover}", data={name: calib}, verify="end")
