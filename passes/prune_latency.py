@@ -17,7 +17,9 @@ sensitivity (NetAdapt, Yang et al. 2018, and HALP, Shen et al. 2022, in a simple
    do not shrink), so while the measured latency misses the target the predicted saving asked
    for is scaled by the share of it that was measured (a secant step) and the greedy runs
    again, then the goal is bisected between one that met the target and one that missed it
-   (at most MAX_ROUNDS measurements).
+   (at most MAX_ROUNDS measurements; it stops early once the secant asks for more than the
+   whole model and a further miss lowers the measured latency by less than SLACK/2, or the
+   greedy repeats an allocation already timed).
 4. Against uniform: one ratio for every group is found by measurement the same way (regula
    falsi, at most UNIFORM_ROUNDS), and of the two the one of least output error on the
    calibration samples, each measured as a whole model, is kept (a note says which). The
@@ -75,7 +77,7 @@ def allocate(p, analyses, groups, edits_for, plan: Plan) -> dict[int, float]:
                                          base_ref, timing_feed, threads, plan)
         uniform, u_measured, u_rounds = _uniform(p.target_latency, [g.index for g in groups],
                                                  edits_for, refs, base_ref, timing_feed,
-                                                 threads)
+                                                 threads, plan)
         measured, rounds = min(measured, u_measured), rounds + u_rounds
         best = _pick(best, uniform, edits_for, analyses, base_out, feeds, plan)
     where = f"ONNX Runtime CPU, {p.threads or 'all'} thread(s), {cpu_description()}"
@@ -101,9 +103,12 @@ def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, thre
     met the target and one has missed it, it is bisected between them, so the result lands
     within SLACK under the target rather than wherever the first correction threw it."""
     goal, ok, fail, closest, rounds = target, None, None, float("inf"), []
-    most = greedy(table, float("inf"))
+    most, tried, last_miss, halved = greedy(table, float("inf")), [], float("inf"), False
     for round_ in range(MAX_ROUNDS):
         per_group = greedy(table, base_ms * (1 - goal))
+        if per_group in tried:
+            break  # the goal moved but the greedy's answer did not: the same measurement
+        tried.append(per_group)
         t_base, t_got = time_many([base_ref, refs.of(edits_for(per_group))], timing_feed,
                                   threads=threads, max_time=2.0)
         measured = t_got.median / t_base.median
@@ -118,13 +123,19 @@ def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, thre
                 break
         else:
             fail = goal
-            if per_group == most:
-                break  # the greedy takes everything with a measured saving: no more to take
+            if per_group == most or (halved and last_miss - measured < SLACK / 2):
+                # the greedy takes everything with a measured saving, or the secant asked
+                # for more than the whole model and taking more did not lower the latency (on
+                # a small net the savings timed one group at a time can sum past the whole
+                # model, so the greedy never reaches `most`)
+                break
+            last_miss = measured
         if ok is not None and fail is not None:
             goal = (ok[0] + fail) / 2
         else:  # scale the predicted saving by how much of it was measured (a secant step),
             # at most halving the goal at once (savings flatten out as groups run out)
             step = 1 - (1 - target) * (1 - goal) / max(1 - measured, 1e-3)
+            halved = ok is None and step <= goal / 2
             step = max(step, goal / 2) if ok is None else min(step, 0.99)
             if abs(step - goal) < 1e-3:
                 break
@@ -134,7 +145,7 @@ def _search(target, table, base_ms, edits_for, refs, base_ref, timing_feed, thre
     return (ok[1] if ok else None), closest, rounds
 
 
-def _uniform(target, indices, edits_for, refs, base_ref, timing_feed, threads):
+def _uniform(target, indices, edits_for, refs, base_ref, timing_feed, threads, plan):
     """(the one ratio for every group measured to meet `target`, as an allocation, or None;
     the lowest fraction measured; the rounds). Regula falsi on the measured latency between
     ratio 0 (the model, 1.0) and the top level, at most UNIFORM_ROUNDS measurements."""
@@ -143,6 +154,8 @@ def _uniform(target, indices, edits_for, refs, base_ref, timing_feed, threads):
                                   timing_feed, threads=threads, max_time=2.0)
         lat = t_got.median / t_base.median
         rounds.append(f"uniform {r:.3f} -> {lat:.3f}")
+        plan.notes.append(f"target-latency={target}: uniform ratio {r:.3f}, measured "
+                          f"{lat:.3f} of the original")
         return lat
 
     rounds = []
@@ -171,6 +184,9 @@ def _pick(best, uniform, edits_for, analyses, base_out, feeds, plan):
     the greedy's per-group losses are summed as if independent, and where they are not (many
     groups cut deep together) the uniform cut is the better one."""
     found = {k: v for k, v in (("allocation", best), ("uniform", uniform)) if v is not None}
+    if len(found) == 1:
+        (keep,) = found
+        plan.notes.append(f"target-latency: only the {keep} met the target: kept {keep}")
     if len(found) < 2:
         return next(iter(found.values()), None)
     loss = {k: _loss(base_out, _outputs(analyses.trial_model(edits_for(v)), feeds))

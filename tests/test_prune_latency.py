@@ -85,9 +85,17 @@ def test_target_latency_meets_its_measurement_and_reproduces(frontend, tmp_path)
     # the greedy's allocation and the uniform ratio were both measured as whole models; the
     # one kept is the lower error, and what was kept is what the decided text prunes
     (pick,) = [n for n in rec.notes if ": kept " in n]
-    errs = [float(v) for v in re.findall(r"(?:allocation|ratio \S+) (\S+)[,:]", pick)]
     kept_uniform = pick.endswith("kept uniform")
-    assert len(errs) == 2 and (errs[1] < errs[0]) == kept_uniform
+    if "only the" in pick:  # one of them missed the target: the other was kept
+        greedy = [float(n.split("measured ")[1].split(" ")[0]) for n in rec.notes
+                  if ": round " in n]
+        uniform = [float(n.split("measured ")[1].split(" ")[0]) for n in rec.notes
+                   if ": uniform ratio " in n]
+        kept, missed = (uniform, greedy) if kept_uniform else (greedy, uniform)
+        assert min(kept) <= 0.7 < min(missed)
+    else:
+        errs = [float(v) for v in re.findall(r"(?:allocation|ratio \S+) (\S+)[,:]", pick)]
+        assert len(errs) == 2 and (errs[1] < errs[0]) == kept_uniform
     ratios = set(re.findall(r":(0\.\d+)", decided.split("ratios=")[1]))
     if kept_uniform:
         assert len(ratios) == 1
@@ -104,6 +112,8 @@ def test_target_latency_out_of_reach_is_an_error_naming_the_measurement(tmp_path
                        r"allocation measured 0\.\d+ of the original latency on ONNX Runtime") \
             as err:
         graphslim.optimize(model, "prune-channels{target-latency=0.05}", data=data)
-    # the first goal already takes every measured saving: one round, not MAX_ROUNDS of the
-    # same; uniform's top level misses too, so it is measured once
-    assert str(err.value).count("goal ") == 1 and str(err.value).count("uniform ") == 1
+    # the first goal takes every measured saving (one round), or on a machine where the
+    # savings timed one group at a time sum past the whole model, a second goal that lowers
+    # the latency no further stops it: never MAX_ROUNDS of the same; uniform's top level
+    # misses too, so it is measured once
+    assert str(err.value).count("goal ") <= 2 and str(err.value).count("uniform ") == 1
