@@ -67,9 +67,8 @@ def op_class(node: Node) -> str | None:
               OpKind.CONCAT: "concat"}
     if k in simple:
         return simple[k]
-    if k is OpKind.ACTIVATION and node.attrs.get("fn") in ("sigmoid", "leakyrelu"):
-        return node.attrs["fn"]
-    return None
+    fn = node.attrs.get("fn")  # the IR's activation vocabulary (both frontends spell it so)
+    return fn if k is OpKind.ACTIVATION and fn in ("sigmoid", "leakyrelu") else None
 
 
 def _silu_pairs(view: GraphView) -> dict[str, str]:
