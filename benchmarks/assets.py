@@ -208,3 +208,107 @@ def natural_photos(count: int = 32, height: int = 224, width: int = 224,
         arr = np.asarray(crop.resize((width, height), Image.BILINEAR), np.float32) / 255.0
         out.append(((arr - m) / s).transpose(2, 0, 1))
     return np.stack(out).astype(np.float32)
+
+
+#: typefaces that ship with matplotlib (a dev dependency): sans, serif and mono, as pages mix
+_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Italic.ttf",
+          "DejaVuSansMono.ttf", "STIXGeneral.ttf")
+
+
+def _words() -> list[str]:
+    """Real English prose: the docstrings of a few standard-library modules (fixed per Python
+    version; nothing is downloaded)."""
+    import argparse
+    import codecs
+    import collections
+    import contextlib
+    import io
+    import json
+    import textwrap
+
+    with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen
+        import this  # its text, rot13, in `this.s`
+    text = " ".join([codecs.decode(this.s, "rot13"), argparse.__doc__ or "",
+                     collections.__doc__ or "", json.__doc__ or "", textwrap.__doc__ or ""])
+    return [w for w in text.split() if w.isprintable()]
+
+
+def rendered_text_pages(count: int = 64, size: int = 224, seed: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """`count` crops of text pages typeset here (matplotlib's fonts, standard-library prose, a
+    paper tone with uneven light, a little blur), each rotated by a random multiple of 90
+    degrees and preprocessed as rotated_text_pages does: in-domain inputs for the orientation
+    classifier that share no pixel with the scanned evaluation page. Labels as in
+    rotated_text_pages (useful to check the original reads them; distillation needs none)."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    fonts = os.path.dirname(require("matplotlib", "mpl-data/fonts/ttf/DejaVuSans.ttf"))
+    words = _words()
+    rng = np.random.default_rng(seed)
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    xs, ys = [], []
+    for _ in range(count):
+        w, h = int(rng.integers(256, 520)), int(rng.integers(256, 400))
+        paper = float(rng.uniform(150, 240))
+        img = Image.new("L", (w, h), int(paper))
+        draw = ImageDraw.Draw(img)
+        font = ImageFont.truetype(os.path.join(fonts, _FONTS[rng.integers(len(_FONTS))]),
+                                  int(rng.integers(11, 26)))
+        ink, y, pos = int(rng.uniform(0, 70)), int(rng.integers(-8, 20)), int(rng.integers(
+            len(words)))
+        step = font.getbbox("Hg")[3] + int(rng.integers(2, 10))
+        while y < h:
+            line, x = [], int(rng.integers(4, 24))
+            while True:  # words until the line is full
+                word = words[pos % len(words)]
+                if x + font.getlength(" ".join(line + [word])) > w - 8 and line:
+                    break
+                line.append(word)
+                pos += 1
+            draw.text((x, y), " ".join(line), fill=ink, font=font)
+            y += step
+        light = np.linspace(rng.uniform(-40, 0), rng.uniform(0, 30), w, dtype=np.float32)
+        arr = np.asarray(img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2)))),
+                         np.float32) + light[None, :]
+        k = int(rng.integers(4))
+        rot = np.rot90(np.clip(arr, 0, 255), k)
+        top = int(rng.integers(rot.shape[0] - size + 1))
+        left = int(rng.integers(rot.shape[1] - size + 1))
+        crop = rot[top:top + size, left:left + size, None].repeat(3, axis=2) / 255.0
+        xs.append(((crop - mean) / std).transpose(2, 0, 1))
+        ys.append((4 - k) % 4)
+    return np.stack(xs).astype(np.float32), np.array(ys)
+
+
+def rendered_text_lines(count: int = 128, height: int = 48, width: int = 192, seed: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """`count` single text lines typeset here (as rendered_text_pages: matplotlib's fonts,
+    standard-library prose, paper tone, light, blur), upright (label 0) or rotated 180 degrees
+    (label 1) at random, preprocessed as text_line_crops: in-domain inputs for PP-OCR's
+    angle classifier that share no pixel with the scanned page."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    fonts = os.path.dirname(require("matplotlib", "mpl-data/fonts/ttf/DejaVuSans.ttf"))
+    words = _words()
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for _ in range(count):
+        font = ImageFont.truetype(os.path.join(fonts, _FONTS[rng.integers(len(_FONTS))]),
+                                  int(rng.integers(14, 34)))
+        pos = int(rng.integers(len(words)))
+        text = " ".join(words[(pos + i) % len(words)] for i in range(int(rng.integers(2, 12))))
+        left, top, right, bottom = font.getbbox(text)
+        pad = int(rng.integers(2, 8))
+        img = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad),
+                        int(rng.uniform(150, 240)))
+        ImageDraw.Draw(img).text((pad - left, pad - top), text, fill=int(rng.uniform(0, 70)),
+                                 font=font)
+        arr = np.asarray(img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0)))),
+                         np.float32)
+        arr = arr + np.linspace(rng.uniform(-30, 0), rng.uniform(0, 20), arr.shape[1])[None]
+        rgb = np.clip(arr, 0, 255).astype(np.uint8)[:, :, None].repeat(3, axis=2)
+        label = int(rng.integers(2))
+        xs.append(_ppocr_preprocess(rgb[::-1, ::-1] if label else rgb, height, width))
+        ys.append(label)
+    return np.stack(xs), np.array(ys)
