@@ -36,11 +36,12 @@ class Distill(Pass):
     lr: float = 1e-3
     temperature: float = 4.0
     alpha: float = 0.9
+    patience: int = 2
     seed: int = 0
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch-size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("epochs, batch-size and patience must be >= 1")
         if not self.lr > 0 or not self.temperature > 0:
             raise ValueError("lr and temperature must be > 0")
         if not 0 <= self.alpha <= 1:
@@ -60,7 +61,7 @@ class Distill(Pass):
             changed = analyses.model.distilled_params(
                 prov.reference, data, epochs=self.epochs, batch_size=self.batch_size,
                 lr=self.lr, temperature=self.temperature, alpha=self.alpha, labels=labels,
-                seed=self.seed, history=history, progress=False)
+                patience=self.patience, seed=self.seed, history=history, progress=False)
         except ImportError as exc:  # an ONNX-only install: say which extra, not a traceback
             raise ValueError(str(exc)) from None
         plan.edits.extend(SetParam(node, role, value) for (node, role), value in changed.items())

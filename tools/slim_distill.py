@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-bn", choices=("auto", "yes", "no"), default="auto",
                    help="keep BatchNorm statistics (auto: with fewer than 1000 samples)")
     p.add_argument("--eval-data", metavar="FILE.npz", help="held-out inputs to judge on")
+    p.add_argument("--patience", type=int, default=2,
+                   help="stop after this many epochs without a better held-out loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -113,7 +115,7 @@ def _run(args) -> int:
                                 batch_size=args.batch_size, lr=args.lr,
                                 temperature=args.temperature, alpha=args.alpha, labels=labels,
                                 freeze_bn={"auto": None, "yes": True, "no": False}[args.freeze_bn],
-                                seed=args.seed, history=history)
+                                patience=args.patience, seed=args.seed, history=history)
     after = judge(trained)
     trained.save(args.output)
     report = {"output": args.output, "epochs": history, "before": before, "after": after,

@@ -57,7 +57,7 @@ _REESTIMATE_BN = 1000
 
 def distill(student, teacher, data, *, epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
             temperature: float = 4.0, alpha: float = 0.9, hints: Sequence[str] = (),
-            labels=None, device=None, metric: Callable | None = None, patience: int = 1,
+            labels=None, device=None, metric: Callable | None = None, patience: int = 2,
             validate: float = 0.1, seed: int = 0, history: list | None = None,
             progress: bool | None = None, freeze_bn: bool | None = None):
     """Train `student` (an nn.Module or a graphslim fx model) towards `teacher` (an nn.Module, a
@@ -67,7 +67,11 @@ def distill(student, teacher, data, *, epochs: int = 1, batch_size: int = 64, lr
 
     The weights returned are the best of the start and every epoch: by `metric` (higher is
     better) where given, else by the distillation loss on `validate` (a fraction) of the
-    data, held out from training; so a student the data cannot improve comes back as it was."""
+    data, held out from training; so a student the data cannot improve comes back as it was.
+    Training stops after `patience` epochs without a better score (2: on a small held-out
+    share one epoch can score worse by noise while the cosine schedule still runs hot; the
+    PP-LCNet orientation student stopped at 0.75 agreement after 3 epochs with 1, where 5
+    reach 1.00)."""
     module, given = _student_module(student)
     inputs = _inputs(data, module, student)
     n = len(next(iter(inputs.values())))
