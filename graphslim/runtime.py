@@ -30,6 +30,10 @@ def available_providers() -> list[str]:
     return [k for k, v in _PROVIDERS.items() if v in have]
 
 
+#: ONNX Runtime's thread count for sessions not given one (0 or unset: every core)
+THREADS_ENV = "GRAPHSLIM_THREADS"
+
+
 def make_session(model: str | bytes, provider: str = "cpu", opt_level: str = "all",
                  threads: int | None = None, optimized_model_path: str | None = None,
                  ) -> ort.InferenceSession:
@@ -49,7 +53,7 @@ def make_session(model: str | bytes, provider: str = "cpu", opt_level: str = "al
     so = ort.SessionOptions()
     so.graph_optimization_level = _LEVELS[opt_level]
     if threads is None:
-        threads = int(os.environ.get("GRAPHSLIM_THREADS", "0") or 0)
+        threads = int(os.environ.get(THREADS_ENV, "0") or 0)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3

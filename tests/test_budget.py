@@ -20,6 +20,8 @@ import graphslim
 from graphslim.budget import compress, sensitivity
 from graphslim.budget.allocate import greedy, with_midpoints
 from graphslim.budget.sensitivity import prune_groups
+from graphslim.budget.workers import map_tasks
+from graphslim.runtime import THREADS_ENV
 from graphslim.tools.demo import demo_files, digits
 
 
@@ -128,14 +130,25 @@ def test_compress_meets_the_budget_and_chooses_alike_on_any_workers(digit_files)
                for m1, v1 in front for m2, v2 in front)  # no point of the front dominated
 
 
-def test_ray_cluster_of_two_workers_chooses_the_same(digit_files):
+def test_a_worker_runs_onnx_runtime_on_one_cpu(monkeypatch):
+    """Pool processes run ORT at one thread (its default, every core, made two workers on two
+    cores contend); a count the user set is kept."""
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert map_tasks(os.getenv, [THREADS_ENV] * 2, workers=2) == ["1", "1"]
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert map_tasks(os.getenv, [THREADS_ENV] * 2, workers=2) == ["3", "3"]
+
+
+def test_ray_cluster_of_two_workers_chooses_the_same(digit_files, monkeypatch):
     ray = pytest.importorskip("ray")
     model, calib, evalp, *_ = digit_files
     kw = {"target": {"macs": 0.5}, "max_drop": 0.02, "metric": "accuracy", "levels": (0.5,)}
     one = compress(model, evalp, calib, workers=1, **kw)
+    monkeypatch.delenv(THREADS_ENV, raising=False)  # Ray's workers inherit the environment
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert ray.cluster_resources().get("CPU") == 2
+        assert map_tasks(os.getenv, [THREADS_ENV] * 2, workers="ray") == ["1", "1"]
         on_ray = compress(model, evalp, calib, workers="ray", **kw)
     finally:
         ray.shutdown()
