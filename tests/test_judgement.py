@@ -126,9 +126,14 @@ def test_qdq_latency_choice_is_measured_and_reproduces(digits):
     assert {"float", "int8"} <= set(times["latency_ms"]) and times["cpu"]
     confirm = times["confirm_ms"]
     best_int8 = min(v for k, v in confirm.items() if k != "float")
-    stayed_float = rec.stats.get("quantized_values", 0) == 0
     # the decision follows the measurement: float only where int8 was not min-gain faster
-    assert stayed_float == (best_int8 >= confirm["float"] * 0.97)
+    # (by the pass's own note: the winning int8 variant may itself keep every region float,
+    # so a count of quantized values cannot tell; 1e-4 ms: the details are rounded)
+    stayed_float = any("the model stays float" in n for n in rec.notes)
+    if stayed_float:
+        assert best_int8 >= confirm["float"] * 0.97 - 1e-4
+    else:
+        assert best_int8 < confirm["float"] * 0.97 + 1e-4
     decided = first.report.decided
     assert "choose" not in decided and decided.startswith("fold-bn,qdq")
     again = graphslim.optimize(model, decided, data=data)
