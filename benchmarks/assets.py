@@ -312,3 +312,16 @@ def rendered_text_lines(count: int = 128, height: int = 48, width: int = 192, se
         xs.append(_ppocr_preprocess(rgb[::-1, ::-1] if label else rgb, height, width))
         ys.append(label)
     return np.stack(xs), np.array(ys)
+
+
+def orientation_case(pages: int = 64, photos: int = 32):
+    """The page-orientation classifier and its data, as the benchmarks use them: (file, input
+    name, calibration = `pages` typeset text pages then `photos` natural photo crops,
+    evaluation = the rotated scanned page's crops, their labels). Disjoint by construction."""
+    import onnx
+
+    src = require(*ORIENTATION)
+    name = onnx.load(src, load_external_data=False).graph.input[0].name
+    x, y = rotated_text_pages()
+    calib = np.concatenate([rendered_text_pages(pages, seed=1)[0], natural_photos(photos)])
+    return src, name, calib, x, y

@@ -31,8 +31,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
-
 import graphslim
 from graphslim.benchmarks.budget_search import agreement, top1
 from graphslim.errors import PassError
@@ -103,24 +101,16 @@ def _uniform_at(model, path, latency, data, workdir, recover="") -> tuple[float,
 
 
 def _real_cases():
-    import onnx
-
     from graphslim.benchmarks.assets import (
-        ORIENTATION,
         PPOCR_CLS,
-        natural_photos,
-        rendered_text_pages,
+        orientation_case,
         require,
-        rotated_text_pages,
         split_text_lines,
         text_line_crops,
     )
 
-    src = require(*ORIENTATION)
-    name = onnx.load(src, load_external_data=False).graph.input[0].name
-    x, _ = rotated_text_pages()
     # in-domain calibration (pages typeset here, disjoint from the scanned evaluation page)
-    calib = np.concatenate([rendered_text_pages(64, seed=1)[0], natural_photos(32)])
+    src, name, calib, x, _ = orientation_case()
     yield ("orientation (PP-LCNet)", src, name, (1, 3, 224, 224), calib, x, 0.6)
     src = require(*PPOCR_CLS)
     (calib, _), (x, _) = split_text_lines(*text_line_crops())

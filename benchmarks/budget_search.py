@@ -93,22 +93,11 @@ def _esc(n: str) -> str:
 
 
 def _orientation():
-    import onnx
+    from graphslim.benchmarks.assets import orientation_case
 
-    from graphslim.benchmarks.assets import (
-        ORIENTATION,
-        natural_photos,
-        rendered_text_pages,
-        require,
-        rotated_text_pages,
-    )
-
-    src = require(*ORIENTATION)
-    name = onnx.load(src, load_external_data=False).graph.input[0].name
-    x, _ = rotated_text_pages()
     # in-domain calibration: pages typeset here share no pixel with the scanned evaluation page
     # (photos alone: the best candidate kept 0.9 agreement at latency 0.70)
-    calib = np.concatenate([rendered_text_pages(64, seed=1)[0], natural_photos(32)])
+    src, name, calib, x, _ = orientation_case()
     return src, name, {name: calib}, {name: x}
 
 

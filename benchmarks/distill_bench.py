@@ -89,23 +89,12 @@ def orientation_rows(workdir: str, epochs: int = 8) -> list[str]:
     reconstruct) calibrated on the first 64 of the training inputs, at most 8 epochs."""
     import json
 
-    import onnx
-
-    from graphslim.benchmarks.assets import (
-        ORIENTATION,
-        natural_photos,
-        rendered_text_pages,
-        require,
-        rotated_text_pages,
-    )
+    from graphslim.benchmarks.assets import orientation_case
     from graphslim.runtime import time_many
     from graphslim.tools import slim_distill
 
-    src = require(*ORIENTATION)
-    name = onnx.load(src, load_external_data=False).graph.input[0].name
+    src, name, train, x, _ = orientation_case(pages=1000)
     shape = f"{name}:1,3,224,224"
-    x, _ = rotated_text_pages()
-    train = np.concatenate([rendered_text_pages(1000, seed=1)[0], natural_photos(32)])
     paths = {k: os.path.join(workdir, f"o_{k}.npz") for k in ("train", "eval")}
     np.savez(paths["train"], **{name: train})
     np.savez(paths["eval"], **{name: x})
