@@ -184,10 +184,9 @@ def _pick(best, uniform, edits_for, analyses, base_out, feeds, plan):
     the greedy's per-group losses are summed as if independent, and where they are not (many
     groups cut deep together) the uniform cut is the better one."""
     found = {k: v for k, v in (("allocation", best), ("uniform", uniform)) if v is not None}
-    if len(found) == 1:
-        (keep,) = found
-        plan.notes.append(f"target-latency: only the {keep} met the target: kept {keep}")
     if len(found) < 2:
+        for keep in found:
+            plan.notes.append(f"target-latency: only the {keep} met the target: kept {keep}")
         return next(iter(found.values()), None)
     loss = {k: _loss(base_out, _outputs(analyses.trial_model(edits_for(v)), feeds))
             for k, v in found.items()}

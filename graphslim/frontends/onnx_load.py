@@ -192,8 +192,8 @@ def _lift_constants(graph: gs.Graph) -> int:
         lifted += 1
     # the lifted nodes (no outputs now) are dropped here rather than by gs's cleanup, which
     # formats every node it removes into a log message whether or not it is logged, and
-    # str(node) prints its constant values: 0.2 s per load of PP-OCR's file (all 260 weights
-    # in Constant nodes), a quarter of a budget search's time
+    # str(node) prints its constant values: PP-OCR's file (every weight in a Constant node)
+    # loaded in 0.18 s, now 0.085 s, and a budget search loads the model once per trial
     lifted_ids = {id(n) for n in graph.nodes if not n.outputs and n.op in _LIFTED_OPS}
     graph.nodes = [n for n in graph.nodes if id(n) not in lifted_ids]
     return lifted
