@@ -281,39 +281,6 @@ def rendered_text_pages(count: int = 64, size: int = 224, seed: int = 0
     return np.stack(xs).astype(np.float32), np.array(ys)
 
 
-def rendered_text_lines(count: int = 128, height: int = 48, width: int = 192, seed: int = 0
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """`count` single text lines typeset here (as rendered_text_pages: matplotlib's fonts,
-    standard-library prose, paper tone, light, blur), upright (label 0) or rotated 180 degrees
-    (label 1) at random, preprocessed as text_line_crops: in-domain inputs for PP-OCR's
-    angle classifier that share no pixel with the scanned page."""
-    from PIL import Image, ImageDraw, ImageFilter, ImageFont
-
-    fonts = os.path.dirname(require("matplotlib", "mpl-data/fonts/ttf/DejaVuSans.ttf"))
-    words = _words()
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    for _ in range(count):
-        font = ImageFont.truetype(os.path.join(fonts, _FONTS[rng.integers(len(_FONTS))]),
-                                  int(rng.integers(14, 34)))
-        pos = int(rng.integers(len(words)))
-        text = " ".join(words[(pos + i) % len(words)] for i in range(int(rng.integers(2, 12))))
-        left, top, right, bottom = font.getbbox(text)
-        pad = int(rng.integers(2, 8))
-        img = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad),
-                        int(rng.uniform(150, 240)))
-        ImageDraw.Draw(img).text((pad - left, pad - top), text, fill=int(rng.uniform(0, 70)),
-                                 font=font)
-        arr = np.asarray(img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0)))),
-                         np.float32)
-        arr = arr + np.linspace(rng.uniform(-30, 0), rng.uniform(0, 20), arr.shape[1])[None]
-        rgb = np.clip(arr, 0, 255).astype(np.uint8)[:, :, None].repeat(3, axis=2)
-        label = int(rng.integers(2))
-        xs.append(_ppocr_preprocess(rgb[::-1, ::-1] if label else rgb, height, width))
-        ys.append(label)
-    return np.stack(xs), np.array(ys)
-
-
 def orientation_case(pages: int = 64, photos: int = 32):
     """The page-orientation classifier and its data, as the benchmarks use them: (file, input
     name, calibration = `pages` typeset text pages then `photos` natural photo crops,

@@ -9,8 +9,8 @@
   and the uniform ratio of the same measured latency for reference.
 - fidelity: real trained classifiers on real held-out inputs (the page-orientation classifier
   on rotated crops of a scanned page, calibrated on text pages typeset here and natural
-  photos; PP-OCR's text-angle
-  classifier on the odd text lines of the page, calibrated on the even ones): target-latency
+  photos; PP-OCR's text-angle classifier on the odd text lines of the page, calibrated on the
+  even ones): target-latency
   against the uniform ratio whose measured latency is the same (bisected), without and with a
   reconstruct refit; top-1 agreement with the original.
 - macs: sensitivity-based allocation (slim-sensitivity's curves on calibration data, the greedy

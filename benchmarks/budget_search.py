@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -131,16 +132,10 @@ def section_workers(workdir: str) -> list[str]:
     kw = {"target": {"macs": macs}, "max_drop": drop, "input_shapes": {name: shape}}
     # a worker is one CPU (Ray tasks and pool processes run ORT at one thread): so is the
     # in-process run it is compared with
-    before, os.environ[THREADS_ENV] = os.environ.get(THREADS_ENV), "1"
-    try:
+    with mock.patch.dict(os.environ, {THREADS_ENV: "1"}):
         t0 = time.perf_counter()
         one = compress(path, {name: x}, {name: calib}, workers=1, **kw)
         t_one = time.perf_counter() - t0
-    finally:
-        if before is None:
-            del os.environ[THREADS_ENV]
-        else:
-            os.environ[THREADS_ENV] = before
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
