@@ -163,3 +163,20 @@ def test_too_few_samples_to_hold_out_keeps_the_last_epoch():
     graphslim.distill(student, mnist_cnn.trained(), xtr[:4], epochs=2, history=history)
     assert len(history) == 2 and "val_loss" not in history[0]
     assert any(not torch.equal(v, start[k]) for k, v in student.state_dict().items())
+
+
+def test_a_normalised_embedding_output_is_regressed_not_read_as_class_scores():
+    """A sentence encoder's output is [batch, dim] with unit rows: the loss is the relative
+    MSE (~2 x (1 - cosine)), which is 0 only when the student matches; a class-score output of
+    the same shape gets the softened KL, which a student off by a constant also zeroes."""
+    from graphslim.frontends.fx_distill import _output_loss, _relative_mse
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    s = torch.nn.functional.normalize(t + 0.3 * torch.randn(8, 16, generator=g), dim=1)
+    loss = _output_loss([s], [t], 4.0, 0.9, None)
+    assert torch.allclose(loss, _relative_mse(s, t))
+    cos = (s * t).sum(1).mean()
+    assert abs(loss.item() - 2 * (1 - cos.item())) < 0.1
+    scores = 5 * t  # rows of norm 5: scores; a constant shift leaves their softmax alone
+    assert _output_loss([scores + 1.0], [scores], 4.0, 0.9, None).item() < 1e-6

@@ -4,7 +4,8 @@ Losses (Hinton et al. 2015; FitNets, Romero et al. 2015, for the hints):
 - outputs that are class scores (2-D, more than one column): T^2 x KL(softmax(t / T) ||
   softmax(s / T)), `temperature` T; with `labels`, alpha x that + (1 - alpha) x cross-entropy;
 - any other output (detector heads, embeddings, maps): mean squared error divided by the
-  teacher output's variance (a relative error, so outputs of any scale weigh alike);
+  teacher output's variance (a relative error, so outputs of any scale weigh alike); 2-D
+  outputs whose rows have unit L2 norm are embeddings (a sentence encoder's), not scores;
 - `hints`: submodule paths present in both modules (a compressed model keeps its module paths:
   prune-channels slices modules in place). The student's output there goes through a learned
   adaptation layer (1x1 conv for feature maps, linear otherwise; identity-initialised where the
@@ -371,7 +372,7 @@ def _output_loss(s_out: list, t_out: list, temperature: float, alpha: float, lab
     for i, (s, t) in enumerate(zip(s_out, t_out)):
         if s.shape != t.shape:
             raise ValueError(f"output {i}: student {list(s.shape)}, teacher {list(t.shape)}")
-        if s.ndim == 2 and s.shape[1] > 1:  # class scores
+        if s.ndim == 2 and s.shape[1] > 1 and not _unit_rows(t):  # class scores
             if _probabilities(t):  # a file ending in Softmax: its log is the logits (+ c)
                 s, t = s.clamp_min(1e-12).log(), t.clamp_min(1e-12).log()
             kd = nn.functional.kl_div(nn.functional.log_softmax(s / temperature, 1),
@@ -387,9 +388,13 @@ def _output_loss(s_out: list, t_out: list, temperature: float, alpha: float, lab
 
 
 def _probabilities(t: torch.Tensor) -> bool:
-    return bool((t >= 0).all()) and bool(torch.allclose(t.sum(1), torch.ones(len(t),
-                                                                            device=t.device),
+    return bool((t >= 0).all()) and bool(torch.allclose(t.sum(1), torch.ones_like(t[:, 0]),
                                                         atol=1e-3))
+
+
+def _unit_rows(t: torch.Tensor) -> bool:
+    """Rows of L2 norm 1: a normalised embedding (relative MSE on it is ~2 x (1 - cosine))."""
+    return bool(torch.allclose(t.norm(dim=1), torch.ones_like(t[:, 0]), atol=1e-3))
 
 
 def _relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -408,13 +413,8 @@ def _progress(steps: int, enabled: bool | None):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is in the torch extra; without it, no bar
-        class _NoBar:
-            def update(self, _):
-                pass
+        from types import SimpleNamespace
 
-            def close(self):
-                pass
-
-        return _NoBar()
+        return SimpleNamespace(update=lambda _: None, close=lambda: None)
     return tqdm(total=steps, desc="distill", disable=None if enabled is None else not enabled,
                 leave=False)
