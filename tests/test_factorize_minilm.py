@@ -13,48 +13,9 @@ import torch
 import graphslim
 from graphslim.analyses import AnalysisManager
 from graphslim.analyses.cost import Cost
+from graphslim.benchmarks.minilm import CALIBRATION, SENTENCES
 from graphslim.ir import OpKind
 from tests.conftest import package_file
-
-SENTENCES = [
-    "The cat sits on the mat by the window.",
-    "A quick brown fox jumps over the lazy dog.",
-    "Interest rates rose again this quarter, surprising most economists.",
-    "She plays the violin in the city orchestra every Sunday.",
-    "The new bridge will connect the two halves of the town.",
-    "Heavy rain is expected across the north of the country tomorrow.",
-    "He forgot his keys at the office and had to call a locksmith.",
-    "Photosynthesis converts light energy into chemical energy in plants.",
-    "The museum opens a new exhibition on ancient Egyptian art.",
-    "Our team fixed the memory leak before the release.",
-    "Fresh bread from the bakery smells wonderful in the morning.",
-    "The committee postponed its decision until next month.",
-    "Children learn languages faster than most adults do.",
-    "The spacecraft entered orbit around Mars after a seven-month journey.",
-    "Please remember to water the tomatoes while I am away.",
-    "The film received excellent reviews but earned little at the box office.",
-]
-
-
-# Calibration text, distinct from the evaluation sentences above.
-CALIBRATION = [
-    "The library extended its opening hours during the exam period.",
-    "Farmers expect a good harvest after the mild spring.",
-    "The engineer explained how the turbine converts wind into power.",
-    "My grandmother's recipe uses butter, flour and a pinch of salt.",
-    "Traffic on the highway slowed because of roadworks near the exit.",
-    "The orchestra rehearsed the symphony for three weeks.",
-    "Scientists discovered a new species of frog in the rainforest.",
-    "He apologised for arriving late to the meeting.",
-    "The price of coffee has doubled over the past two years.",
-    "Our neighbours adopted a small dog from the shelter.",
-    "The software update improves battery life on older phones.",
-    "Tourists gathered in the square to watch the parade.",
-    "The teacher asked the students to write an essay about their summer.",
-    "A strong earthquake shook the coastal city early this morning.",
-    "The recipe calls for two cups of sugar and three eggs.",
-    "Voters will choose a new mayor in the spring election.",
-]
 
 
 def _embed(model, ids, mask) -> np.ndarray:
