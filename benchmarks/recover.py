@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 import graphslim
 from graphslim.fidelity import agreement
@@ -64,24 +63,15 @@ def _mnist(workdir: str) -> Case:
 
 
 def _orientation(_: str) -> Case:
-    from graphslim.benchmarks.assets import (
-        ORIENTATION,
-        natural_photos,
-        rendered_text_pages,
-        require,
-        rotated_text_pages,
-    )
+    from graphslim.benchmarks.assets import natural_photos, orientation_case
 
-    src = require(*ORIENTATION)
-    name = onnx.load(src, load_external_data=False).graph.input[0].name
-    x, y = rotated_text_pages()
+    src, name, train, x, y = orientation_case(pages=1000)  # 1000 typeset pages + 32 photos
     model = graphslim.load(src, input_shapes={name: (1, 3, 224, 224)})
     return Case("orientation (PP-LCNet)", model, name, natural_photos(32), x, y,
                 ("prune-channels{ratio=0.3}", "prune-channels{ratio=0.3,criterion=recon}",
                  "prune-channels{ratio=0.5}"),
-                "32 natural photo crops", np.concatenate([rendered_text_pages(1000, seed=1)[0],
-                                                          natural_photos(32)]),
-                "1000 typeset pages + the 32 photo crops", epochs=8)
+                "32 natural photo crops", train, "1000 typeset pages + the 32 photo crops",
+                epochs=8)
 
 
 def _ppocr(_: str) -> Case:

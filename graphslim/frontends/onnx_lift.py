@@ -50,6 +50,7 @@ def lift(model) -> nn.Module:
     """A graphslim ONNX model as a torch module (eval mode), checked against ONNX Runtime."""
     try:
         from onnx2torch import convert
+        from onnx2torch.node_converters.flatten import OnnxFlatten
     except ImportError as exc:
         raise InputError("lifting an ONNX model to torch needs onnx2torch: pip install "
                          "'graphslim-engine[onnx-distill]'") from exc
@@ -59,7 +60,7 @@ def lift(model) -> nn.Module:
     except NotImplementedError as exc:  # onnx2torch names the op and its version
         raise StructureError(f"cannot lift the ONNX graph to torch: {exc}") from None
     for name, sub in list(module.named_children()):
-        if type(sub).__name__ == "OnnxFlatten":
+        if isinstance(sub, OnnxFlatten):
             setattr(module, name, _Flatten(sub.axis))
     for path, _ in _constant_slots(model, module).values():  # trainable, not buffers
         owner, attr = path.rsplit(".", 1)
