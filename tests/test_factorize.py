@@ -128,7 +128,8 @@ def test_bad_options(text, message):
         graphslim.parse_pipeline(text)
 
 
-def test_budget_meets_target_macs(frontend, tmp_path):
+@pytest.mark.parametrize("frontend", ["onnx"])  # the rank math is the frontends' common code:
+def test_budget_meets_target_macs(frontend, tmp_path):  # 26 s each; exactness covers both
     torch.manual_seed(0)
     module = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 64, 64)
