@@ -164,5 +164,18 @@ class FuseActivation:
     nodes: tuple[str, ...]
 
 
+@dataclass(frozen=True, eq=False)
+class ScaleValue:
+    """Multiply activation `value` by `scale` along its last axis (one factor per channel) for
+    the readers `users` (node names; empty = every reader): the others read it unscaled. ONNX:
+    a Mul by a constant; fx: a multiplication by a buffer of the traced module. `node` names
+    the producer, for error messages."""
+
+    node: str
+    value: str
+    scale: np.ndarray
+    users: tuple[str, ...] = ()
+
+
 Edit = (SetParam | Bypass | ReplaceWithChain | ReplaceSubgraph | SliceParam | SetAttr
-        | QuantizeValue | QuantizeParam | FuseActivation)
+        | QuantizeValue | QuantizeParam | FuseActivation | ScaleValue)

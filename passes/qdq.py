@@ -237,11 +237,12 @@ class InsertQDQ(Pass):
     def _values(self, view: GraphView, chosen: list[Node]) -> tuple[list[str], dict[str, str]]:
         """Values to quantize, in topological order, and pass-through ties (output -> input)."""
         wanted: dict[str, None] = {}
+        names = {n.name for n in chosen}
         for n in chosen:
             for v in n.inputs:
                 wanted[v] = None
             out = self.output_value(view, n)
-            if out is not None:
+            if out is not None and not _float_output(view, n, out, names):
                 wanted[out] = None
         ties: dict[str, str] = {}
         for n in view.nodes():  # topological: a tie sees its input's final state
@@ -298,3 +299,13 @@ class InsertQDQ(Pass):
         err = float(np.linalg.norm(qm.dequantize(q, ws, zeros, axis) - w) /
                     max(np.linalg.norm(w), 1e-30))
         plan.details.append({"node": n.name, "weight_rel_error": round(err, 6)})
+
+
+def _float_output(view: GraphView, n: Node, out: str, chosen: set[str]) -> bool:
+    """A linear layer whose output no quantized op reads keeps it float: ORT computes it as
+    MatMulIntegerToFloat / QGemm with a float output, and a grid there would only add rounding
+    (all-MiniLM-L6-v2: its FFN output's outlier features on a per-tensor grid took embedding
+    cosine from 0.99 to 0.91)."""
+    if n.kind is not OpKind.LINEAR:
+        return False
+    return not any(u.name in chosen or u.kind in _PASS_THROUGH for u in view.users(out))

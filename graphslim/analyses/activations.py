@@ -115,3 +115,37 @@ def _mean_abs_inputs(am: AnalysisManager, source, specs) -> dict[str, np.ndarray
             per = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).mean(1)
             sums[n.name] = sums.get(n.name, 0.0) + per
     return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+@dataclass(frozen=True)
+class InputRanges:
+    """Per LINEAR node, max |x| of each input feature (its last axis) over the data."""
+
+    peaks: dict[str, np.ndarray]
+    samples: int
+    synthetic: bool
+
+
+class LinearInputRange(Analysis):
+    """max |x| per input feature of every LINEAR node's data input, streamed batch by batch
+    (SmoothQuant's activation statistic)."""
+
+    name = "linear-input-range"
+
+    @classmethod
+    def compute(cls, am: AnalysisManager) -> InputRanges:
+        specs = am.model.input_specs()
+        source, synthetic = data_or_synthetic(am, "activation ranges")
+        nodes = [n for n in am.view.nodes() if n.kind is OpKind.LINEAR and n.inputs]
+        values = sorted({n.inputs[0] for n in nodes})
+        peaks: dict[str, np.ndarray] = {}
+        count = 0
+        for feeds in data_mod.batches(source, specs):
+            acts = am.model.capture(feeds, values) if values else {}
+            count += len(next(iter(feeds.values())))
+            for v in values:
+                x = np.abs(np.asarray(acts[v], np.float32))
+                peak = x.reshape(-1, x.shape[-1]).max(0)
+                peaks[v] = np.maximum(peaks[v], peak) if v in peaks else peak
+        return InputRanges({n.name: peaks[n.inputs[0]] for n in nodes if n.inputs[0] in peaks},
+                           count, synthetic)

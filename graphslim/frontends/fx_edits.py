@@ -26,6 +26,7 @@ from graphslim.edits import (
     QuantizeValue,
     ReplaceSubgraph,
     ReplaceWithChain,
+    ScaleValue,
     SetAttr,
     SetParam,
     SliceParam,
@@ -64,6 +65,11 @@ def _quantize_value(c: EditContext, e: QuantizeValue) -> None:
     become_graph_module(c.m, "fake-quantize nodes inserted")
 
 
+def _scale_value(c: EditContext, e: ScaleValue) -> None:
+    fx_quant.scale_value(c.m, e.value, e.scale, e.users)
+    become_graph_module(c.m, "per-channel scales inserted")
+
+
 def _structural(c: EditContext, e: SliceParam | SetAttr) -> None:
     apply_structural(c.m, c.nodes[e.node], c.kinds[e.node], e)
     c.structural.append(c.nodes[e.node])
@@ -81,6 +87,7 @@ def _replace_subgraph(c: EditContext, e: ReplaceSubgraph) -> None:
 
 HANDLERS = {
     QuantizeValue: _quantize_value,
+    ScaleValue: _scale_value,
     QuantizeParam: lambda c, e: fx_quant.quantize_param(c.m, c.nodes[e.node], c.kinds[e.node],
                                                         e.role, e.scale, e.axis, e.values),
     SliceParam: _structural,
@@ -93,7 +100,7 @@ HANDLERS = {
     ReplaceSubgraph: _replace_subgraph,
 }
 #: edits addressed by a value rather than by one existing node
-GRAPH_EDITS = frozenset({QuantizeValue})
+GRAPH_EDITS = frozenset({QuantizeValue, ScaleValue})
 
 
 def replace_with_chain(m, n: fx.Node, layers: Sequence[Layer]) -> None:

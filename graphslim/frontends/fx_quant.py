@@ -1,4 +1,5 @@
-"""QuantizeValue / QuantizeParam on the fx frontend: fake quantization that trains and exports.
+"""QuantizeValue / QuantizeParam / ScaleValue on the fx frontend: fake quantization that trains
+and exports, and the per-channel scales smooth-quant moves in front of it.
 
 Activations: a `FakeQuantize` module is called on the value (torch.fake_quantize_per_tensor_
 affine: straight-through gradient inside the grid, zero outside), so the model becomes the traced
@@ -10,6 +11,8 @@ Biases stay float on fx: int32 at s_x * s_w is below float32 resolution for any 
 """
 
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 import torch
@@ -64,6 +67,26 @@ def quantize_value(m, value: str, scale: float, zero_point: int, dtype: str,
         fq = graph.call_module(name, (src,))
     for u in readers:
         u.replace_input_with(src, fq)
+
+
+def scale_value(m, value: str, scale: np.ndarray, users: tuple[str, ...]) -> None:
+    """ScaleValue: the readers read value * scale (a buffer of the traced module, so it moves
+    with .to() and is saved with the state dict; exported as a Mul by a constant)."""
+    graph = m.gm.graph
+    src = next((n for n in graph.nodes if n.name == value), None)
+    if src is None:
+        raise ValueError(f"ScaleValue: no fx node produces '{value}'")
+    readers = [u for u in list(src.users) if not users or u.name in users]
+    if not readers:
+        return
+    name = m.fresh(f"smooth_{value}")
+    m.gm.register_buffer(name, torch.as_tensor(np.asarray(scale, np.float32).reshape(-1)))
+    with graph.inserting_after(src):
+        factor = graph.get_attr(name)
+    with graph.inserting_after(factor):
+        scaled = graph.call_function(operator.mul, (src, factor))
+    for u in readers:
+        u.replace_input_with(src, scaled)
 
 
 def quantize_param(m, n: fx.Node, node, role: str, scale: np.ndarray, axis: int | None,

@@ -29,6 +29,7 @@ from graphslim.edits import (
     QuantizeValue,
     ReplaceSubgraph,
     ReplaceWithChain,
+    ScaleValue,
     SetAttr,
     SetParam,
     SliceParam,
@@ -335,14 +336,12 @@ class OnnxGraph(Frontend):
         return onnx_shapes.infer_shapes(self)
 
     def opaque_macs(self, shapes: dict[str, tuple] | None = None) -> dict[str, int]:
-        """Conv / Gemm / MatMul whose weight is DequantizeLinear(int8 constant) (after qdq)
-        are not LINEAR / CONV in the view (their weight is not a float parameter), but do the
-        same multiply-adds: counted here from the quantized weight's shape."""
+        """MACs of Conv / Gemm / MatMul reading DequantizeLinear(int8 constant) (after qdq: not
+        LINEAR / CONV in the view), from the quantized weight's shape."""
         shapes = shapes if shapes is not None else self.infer_shapes()
         return onnx_shapes.dequantized_layer_macs(self.graph, shapes)
 
-    def capture(self, feeds: dict[str, np.ndarray], values: list[str],
-                optimized: bool = False) -> dict[str, np.ndarray]:
+    def capture(self, feeds: dict, values: list[str], optimized: bool = False) -> dict:
         """One ORT run computing only what the named values need (session cached per set of
         names until the graph changes): a value early in the graph costs only the nodes
         before it (reconstruct captures layer by layer). `optimized`: at ORT's full
@@ -415,6 +414,7 @@ _HANDLERS = {
     SetAttr: lambda c, e: edit.set_attr(c.m, c.by_name[e.node], e.name, e.value,
                                         c.computed.get(e.node)),
     QuantizeParam: _quantize_param,
+    ScaleValue: lambda c, e: quant.scale_value(c.m.graph, c.namer, e.value, e.scale, e.users),
 }
 #: edits addressed by values or node chains rather than by one existing node
-_GRAPH_EDITS = frozenset({FuseActivation, QuantizeValue})
+_GRAPH_EDITS = frozenset({FuseActivation, QuantizeValue, ScaleValue})

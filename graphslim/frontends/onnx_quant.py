@@ -1,7 +1,7 @@
-"""QuantizeValue / QuantizeParam on an onnx-graphsurgeon graph (the ONNX frontend's half of the
-quantization edits). The layout is the one ONNX Runtime's QDQ fusions look for: a Quantize on
-the producer's output, a Dequantize private to each reader, integer weights stored as
-initializers read through their own Dequantize."""
+"""QuantizeValue / QuantizeParam / ScaleValue on an onnx-graphsurgeon graph (the ONNX frontend's
+half of the quantization edits). The layout is the one ONNX Runtime's QDQ fusions look for: a
+Quantize on the producer's output, a Dequantize private to each reader, integer weights stored
+as initializers read through their own Dequantize; a ScaleValue is a Mul by a constant."""
 
 from __future__ import annotations
 
@@ -77,6 +77,24 @@ def quantize_param(graph: gs.Graph, fresh: Namer, g: gs.Node, node: Node, role: 
     graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{const.name}_DequantizeLinear"),
                                attrs, [qc, sc, zc], [out]))
     g.inputs[slot] = out
+
+
+def scale_value(graph: gs.Graph, fresh: Namer, value: str, scale: np.ndarray,
+                users: tuple[str, ...]) -> None:
+    tensors = graph.tensors()
+    if value not in tensors or isinstance(tensors[value], gs.Constant):
+        raise ValueError(f"ScaleValue: '{value}' is not an activation of the graph")
+    x = tensors[value]
+    readers = [n for n in list(x.outputs) if not users or n.name in users]
+    if not readers:
+        return
+    factor = gs.Constant(fresh(f"{value}_smooth"), np.asarray(scale, np.float32).reshape(-1))
+    y = gs.Variable(fresh(f"{value}_smoothed"), dtype=x.dtype, shape=x.shape)
+    graph.nodes.append(gs.Node("Mul", fresh(f"{value}_Mul"), {}, [x, factor], [y]))
+    for reader in readers:
+        for j, t in enumerate(reader.inputs):
+            if t is x:
+                reader.inputs[j] = y
 
 
 def fuse_activation(graph: gs.Graph, fresh: Namer, by_name: dict, fn: str,
