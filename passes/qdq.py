@@ -22,6 +22,10 @@ entropy, mse). `max-error` > 0 turns on the sensitivity mode: layers are ranked 
 error each causes when quantized alone (on calibration data), and the worst are kept float,
 most sensitive first, until the whole model's relative L2 error on that data is within budget.
 
+`bias-correct` (empirical bias correction, Nagel et al. 2019): each quantized conv / linear with
+a bias gets E[(W~ - W) x] subtracted from it, E[x] its input's per-channel mean on the
+calibration data (passes/qdq_math.bias_shift), so weight rounding leaves no mean output shift.
+
 Lossy: the pass manager reports the error against the float graph. Preserves nothing.
 """
 
@@ -34,8 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphslim.analyses.activations import LayerInputStats
 from graphslim.analyses.calibration import METHODS, calibrate_range, calibration_of, grid
-from graphslim.edits import FuseActivation, QuantizeParam, QuantizeValue
+from graphslim.edits import FuseActivation, QuantizeParam, QuantizeValue, SetParam
 from graphslim.ir import GraphView, Node, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
 from graphslim.passes import qdq_math as qm
@@ -114,6 +119,9 @@ class InsertQDQ(Pass):
     choose: str = "cost"
     min_gain: float = 0.03
     threads: int = 1  # ORT intra-op threads the latency choice is measured at (0: all cores)
+    #: subtract each conv / linear's expected output shift from weight rounding (its input's
+    #: per-channel mean on the calibration data; qdq_math.bias_shift) from its bias
+    bias_correct: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -185,6 +193,7 @@ class InsertQDQ(Pass):
         if not chosen:
             return plan
         calib = analyses.get(calibration_of(self.samples))
+        means = analyses.get(LayerInputStats).means if self.bias_correct else {}
         if calib.synthetic:
             plan.notes.append("calibrated on synthetic inputs (no data given): ranges are not "
                               "those of real data")
@@ -193,7 +202,7 @@ class InsertQDQ(Pass):
 
             def edits_for(subset) -> list:  # the plan quantizing only `subset`, for a trial
                 trial = Plan()
-                self._emit(view, subset, self._grids(view, subset, calib, trial), trial)
+                self._emit(view, subset, self._grids(view, subset, calib, trial), trial, means)
                 return trial.edits
 
             kept = keep_float(edits_for, analyses, chosen, self.max_error, plan)
@@ -202,7 +211,7 @@ class InsertQDQ(Pass):
         for mul, sig in silus.items():
             plan.edits.append(FuseActivation(mul, "silu", (sig, mul)))
         plan.stats["float_silu"] = len(silus)
-        self._emit(view, chosen, grids, plan)
+        self._emit(view, chosen, grids, plan, means)
         plan.notes.append(f"calibration: {self.method} on {calib.samples} samples")
         return plan
 
@@ -269,7 +278,8 @@ class InsertQDQ(Pass):
         return grids
 
     # --- edits -------------------------------------------------------------------------------
-    def _emit(self, view: GraphView, chosen: list[Node], grids: dict, plan: Plan) -> None:
+    def _emit(self, view: GraphView, chosen: list[Node], grids: dict, plan: Plan,
+              means: dict) -> None:
         for v, (scale, zp) in grids.items():
             producer = view.producer(v)
             plan.edits.append(QuantizeValue(producer.name if producer else v, v, scale, zp,
@@ -278,10 +288,11 @@ class InsertQDQ(Pass):
             if n.kind not in (OpKind.CONV, OpKind.LINEAR):
                 plan.stats[f"int8_{op_class(n)}"] += 1
                 continue
-            self._weights(view, n, grids, plan)
+            self._weights(view, n, grids, plan, means.get(n.name))
         plan.stats["quantized_values"] = len(grids)
 
-    def _weights(self, view: GraphView, n: Node, grids: dict, plan: Plan) -> None:
+    def _weights(self, view: GraphView, n: Node, grids: dict, plan: Plan,
+                 mean: np.ndarray | None) -> None:
         w = view.param(n.name, "weight")
         ws = qm.weight_scales(w, self.weight_bits, self.per_channel)
         axis = 0 if self.per_channel else None
@@ -291,6 +302,11 @@ class InsertQDQ(Pass):
         x = grids.get(n.inputs[0])
         if "bias" in n.params and x is not None:
             b = view.param(n.name, "bias")
+            if mean is not None:
+                b = b - qm.bias_shift(w, qm.dequantize(q, ws, zeros, axis), mean,
+                                      n.attrs.get("groups", 1))
+                plan.edits.append(SetParam(n.name, "bias", b))  # fx keeps biases float
+                plan.stats["bias_corrected"] += 1
             bs = qm.bias_scales(x[0], ws) * np.ones(len(b), np.float32)
             bz = np.zeros(len(b), np.int32)
             plan.edits.append(QuantizeParam(n.name, "bias", qm.quantize(b, bs, bz, 0, "int32"),

@@ -49,6 +49,22 @@ def bias_scales(input_scale: float, w_scales: np.ndarray) -> np.ndarray:
     return (np.float64(input_scale) * np.asarray(w_scales, np.float64)).astype(np.float32)
 
 
+def bias_shift(w: np.ndarray, w_quantized: np.ndarray, input_mean: np.ndarray,
+               groups: int = 1) -> np.ndarray:
+    """Expected output change per output channel from quantizing the weight, on inputs of
+    per-channel mean E[x] (Nagel et al. 2019, "Data-Free Quantization", empirical bias
+    correction): E[y~ - y]_o = sum over its input channels c and taps k of
+    (W~ - W)[o, c, k] E[x_c]; a grouped conv's output o reads its group's input channels.
+    Zero padding at the borders is ignored (as in the paper). Subtracting it from the bias
+    removes the mean error; the per-sample error stays."""
+    dw = np.asarray(w_quantized, np.float64) - np.asarray(w, np.float64)
+    dw = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(2)  # (out, in/groups)
+    mean = np.asarray(input_mean, np.float64).reshape(groups, dw.shape[1])
+    per_group = dw.shape[0] // groups
+    return np.concatenate([dw[g * per_group:(g + 1) * per_group] @ mean[g]
+                           for g in range(groups)]).astype(np.float32)
+
+
 def _along(v: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:
     v = np.asarray(v, np.float64)
     if axis is None or v.size == 1:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphslim.analyses.activations import LinearInputRange
+from graphslim.analyses.activations import LayerInputStats
 from graphslim.edits import ScaleValue, SetParam
 from graphslim.ir import GraphView, OpKind
 from graphslim.pass_manager import Pass, Plan, register_pass
@@ -71,7 +71,7 @@ class SmoothActivations(Pass):
             readers[n.inputs[0]].append(n)
         if not readers:
             return plan
-        ranges = analyses.get(LinearInputRange)
+        ranges = analyses.get(LayerInputStats)
         if ranges.synthetic:
             plan.notes.append("smooth-quant: activation ranges from synthetic inputs")
         outliers = []

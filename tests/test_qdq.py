@@ -111,6 +111,27 @@ def test_weight_quantization_is_symmetric_per_channel():
     assert np.abs(qm.quantize(w, s4, np.zeros(8, np.int8), 0, "int8")).max() == 7
 
 
+def test_bias_shift_is_the_mean_output_change_of_rounded_weights():
+    """qdq_math.bias_shift against the real thing: the mean over pixels of a grouped conv's
+    output change when its weight is rounded to 3 bits."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)  # groups 2: 4 inputs
+    # channel means far from zero; constant over each image, so every window's mean is the
+    # image's (the formula ignores border effects)
+    x = np.broadcast_to(rng.standard_normal((16, 4, 1, 1)) + rng.standard_normal((1, 4, 1, 1))
+                        * 2, (16, 4, 10, 10)).astype(np.float32)
+    s = qm.weight_scales(w, bits=3)
+    wq = qm.fake_quantize(w, s, np.zeros(8, np.int8), 0, "int8")
+    conv = [torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(k), groups=2)
+            .numpy() for k in (w, wq)]
+    measured = (conv[1] - conv[0]).mean(axis=(0, 2, 3))
+    predicted = qm.bias_shift(w, wq, x.mean(axis=(0, 2, 3)), groups=2)
+    assert np.abs(measured).max() > 0.1  # a shift worth correcting ...
+    np.testing.assert_allclose(predicted, measured, rtol=1e-4, atol=1e-5)  # ... predicted
+
+
 # --- the pass ------------------------------------------------------------------------------------
 def test_qdq_runs_every_conv_and_linear_in_int8(tmp_path):
     """fold-bn,qdq: every Conv and the Linear run as ORT integer kernels (read from ORT's

@@ -52,6 +52,31 @@ def test_orientation_accuracy_unchanged(tmp_path):
     assert quant == base
 
 
+def test_bias_correction_on_the_ppocr_classifier():
+    """PP-OCR's text-angle classifier (MobileNetV3, depthwise convs), calibrated on the even
+    text lines and judged on the odd ones: bias correction brings the int8 outputs closer to
+    the float ones (measured here: cosine 0.9926 -> 0.9958, agreement 0.92 -> 0.97; also on
+    fx-side the corrected biases are what the model computes with)."""
+    from graphslim.benchmarks.assets import PPOCR_CLS, split_text_lines, text_line_crops
+
+    model = graphslim.load(package_file(*PPOCR_CLS), input_shapes={"x": (1, 3, 48, 192)})
+    name = model.view().inputs[0]
+    (calib, _), (x, _) = split_text_lines(*text_line_crops())
+    ref = _predict(model, x, name)
+    cos, agree = {}, {}
+    for text in ("fold-bn,qdq", "fold-bn,qdq{bias-correct=true}"):
+        result = graphslim.optimize(model, text, data={name: calib})
+        got = _predict(result.model, x, name)
+        cos[text] = float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got))
+        agree[text] = float(np.mean(got.argmax(1) == ref.argmax(1)))
+        if "bias" in text:
+            assert result.report.records[-1].stats["bias_corrected"] == 35
+    print(f"PP-OCR cls int8 on {len(x)} held-out line crops: cosine {cos}, agreement {agree}")
+    plain, corrected = cos.values()
+    assert 1 - corrected < 0.8 * (1 - plain)
+    assert agree["fold-bn,qdq{bias-correct=true}"] >= agree["fold-bn,qdq"]
+
+
 def test_minilm_embeddings_keep_cosine(tmp_path):
     """all-MiniLM-L6-v2, calibrated on other sentences than it is judged on: every linear layer
     int8 keeps mean-pooled sentence embeddings at cosine >= 0.98 to the float model's with

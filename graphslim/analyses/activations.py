@@ -118,34 +118,43 @@ def _mean_abs_inputs(am: AnalysisManager, source, specs) -> dict[str, np.ndarray
 
 
 @dataclass(frozen=True)
-class InputRanges:
-    """Per LINEAR node, max |x| of each input feature (its last axis) over the data."""
+class InputStats:
+    """Per CONV / LINEAR node, over the data: of each input channel (a conv's axis 1, a
+    linear's last axis), the mean and max |x|."""
 
+    means: dict[str, np.ndarray]
     peaks: dict[str, np.ndarray]
     samples: int
     synthetic: bool
 
 
-class LinearInputRange(Analysis):
-    """max |x| per input feature of every LINEAR node's data input, streamed batch by batch
-    (SmoothQuant's activation statistic)."""
+class LayerInputStats(Analysis):
+    """Per-channel mean and max |x| of every CONV / LINEAR node's data input, streamed batch by
+    batch (qdq's bias correction reads the means, smooth-quant the peaks)."""
 
-    name = "linear-input-range"
+    name = "layer-input-stats"
 
     @classmethod
-    def compute(cls, am: AnalysisManager) -> InputRanges:
+    def compute(cls, am: AnalysisManager) -> InputStats:
         specs = am.model.input_specs()
-        source, synthetic = data_or_synthetic(am, "activation ranges")
-        nodes = [n for n in am.view.nodes() if n.kind is OpKind.LINEAR and n.inputs]
-        values = sorted({n.inputs[0] for n in nodes})
+        source, synthetic = data_or_synthetic(am, "activation statistics")
+        nodes = [n for n in am.view.nodes() if n.kind in (OpKind.CONV, OpKind.LINEAR)
+                 and n.inputs]
+        axis = {n.inputs[0]: 1 if n.kind is OpKind.CONV else -1 for n in nodes}
+        sums: dict[str, np.ndarray] = {}
         peaks: dict[str, np.ndarray] = {}
+        rows: dict[str, int] = {}
         count = 0
         for feeds in data_mod.batches(source, specs):
-            acts = am.model.capture(feeds, values) if values else {}
+            acts = am.model.capture(feeds, list(axis)) if axis else {}
             count += len(next(iter(feeds.values())))
-            for v in values:
-                x = np.abs(np.asarray(acts[v], np.float32))
-                peak = x.reshape(-1, x.shape[-1]).max(0)
+            for v, ax in axis.items():
+                x = np.asarray(acts[v], np.float32)
+                x = np.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])
+                s, peak = x.sum(0, dtype=np.float64), np.abs(x).max(0)
+                sums[v] = sums[v] + s if v in sums else s
                 peaks[v] = np.maximum(peaks[v], peak) if v in peaks else peak
-        return InputRanges({n.name: peaks[n.inputs[0]] for n in nodes if n.inputs[0] in peaks},
-                           count, synthetic)
+                rows[v] = rows.get(v, 0) + len(x)
+        keep = [n for n in nodes if n.inputs[0] in sums]
+        return InputStats({n.name: sums[n.inputs[0]] / rows[n.inputs[0]] for n in keep},
+                          {n.name: peaks[n.inputs[0]] for n in keep}, count, synthetic)
