@@ -27,15 +27,17 @@ class BenchModel:
     calib_x: np.ndarray             # calibration samples, disjoint from eval_x
     module: object | None = None    # torch module (eval mode)
     example: object | None = None   # torch example input
+    classes: bool = True            # the first output is class scores (top-1 agreement means
+    #                                 something; a detector's raw head is judged by cosine)
 
 
-REAL = ("mnist_cnn", "ppocr_cls", "orientation")
+REAL = ("mnist_cnn", "ppocr_cls", "orientation", "yolov8n")
 
 
 def prepare(name: str, workdir: str) -> BenchModel:
     if name == "mnist_cnn":
         return _mnist(workdir)
-    if name in ("ppocr_cls", "orientation"):
+    if name in ("ppocr_cls", "orientation", "yolov8n"):
         return _onnx_asset(name)
     return _torchvision(name, workdir)
 
@@ -83,6 +85,7 @@ def _onnx_asset(name: str) -> BenchModel:
     from graphslim.benchmarks.assets import (
         ORIENTATION,
         PPOCR_CLS,
+        YOLOV8N,
         natural_photos,
         rotated_text_pages,
         split_text_lines,
@@ -93,6 +96,11 @@ def _onnx_asset(name: str) -> BenchModel:
     if name == "ppocr_cls":
         path = package_file(*PPOCR_CLS)
         (calib, _), (x, y) = split_text_lines(*text_line_crops())
+    elif name == "yolov8n":  # a detector: no labels; crops of photos 1-6 calibrate, 7-9 judge
+        path = package_file(*YOLOV8N)
+        photos = {"height": 320, "width": 320, "mean": (0, 0, 0), "std": (1, 1, 1)}
+        calib = natural_photos(32, photos=slice(0, 6), **photos)
+        x, y = natural_photos(16, seed=1, photos=slice(6, None), **photos), None
     else:
         path = package_file(*ORIENTATION)
         x, y = rotated_text_pages()
@@ -100,4 +108,5 @@ def _onnx_asset(name: str) -> BenchModel:
         # alternate crops as calibration would share pixels with the evaluation crops
         calib = natural_photos(32)
     input_name = onnx.load(path, load_external_data=False).graph.input[0].name
-    return BenchModel(name, path, input_name, (1, *x.shape[1:]), x, y, calib)
+    return BenchModel(name, path, input_name, (1, *x.shape[1:]), x, y, calib,
+                      classes=name != "yolov8n")

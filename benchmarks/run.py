@@ -120,7 +120,8 @@ def fidelity(bm: BenchModel, base: dict, path: str) -> dict:
 
     ref, got = base["outputs"], _outputs(path, bm, n)
     err = compare({"y": ref}, {"y": got})
-    agree = agreement({"y": ref.reshape(len(ref), -1)}, {"y": got.reshape(len(got), -1)})
+    agree = agreement({"y": ref.reshape(len(ref), -1)}, {"y": got.reshape(len(got), -1)}) \
+        if bm.classes else None
     row = {"cosine": err.cosine, "sqnr_db": err.sqnr_db,
            "top1_agree": agree if agree is not None else float("nan")}
     if bm.eval_y is not None:
