@@ -12,7 +12,9 @@ for the detector), MACs, ORT CPU latency of the recovered model against the orig
 run (1 thread, interleaved), and reconstruct's own time. Calibration and evaluation data are
 disjoint in every row: MNIST training digits / held-out digits; natural photos / rotated scanned
 pages (the orientation classifier); the even text lines of the page / the odd ones (PP-OCR
-classifier); photos 1-6 / photos 7-9 of benchmarks.assets.PHOTOS (YOLOv8n); the distillation
+classifier); photos 1-6 / photos 7-9 of benchmarks.assets.PHOTOS (YOLOv8n); documentation
+windows and vocabulary words / 32 everyday sentences (all-MiniLM-L6-v2, embedding cosine); the
+distillation
 inputs come from the calibration side (the orientation classifier's add 1000 typeset text
 pages). The CPU and its ISA flags are in the header: latency depends on them.
 """
@@ -38,8 +40,8 @@ from graphslim.verify import compare
 class Case:
     name: str
     model: object          # graphslim model (ONNX)
-    input: str
-    calib: np.ndarray
+    input: str             # the input name, where the arrays below are one array each
+    calib: np.ndarray      # (or input name -> array, for a model of several inputs: MiniLM)
     evaluation: np.ndarray
     labels: np.ndarray | None
     pipelines: tuple[str, ...]
@@ -47,6 +49,7 @@ class Case:
     train: np.ndarray | None = None  # unlabeled distillation inputs (default: calib)
     train_note: str = ""
     epochs: int = 4
+    lrs: tuple[float, float] = (1e-3, 1e-4)  # distillation after compression, after reconstruct
 
 
 def _mnist(workdir: str) -> Case:
@@ -98,12 +101,33 @@ def _yolo(_: str) -> Case:
                 "128 crops of photos 1-6")
 
 
-CASES = {"mnist": _mnist, "orientation": _orientation, "ppocr": _ppocr, "yolov8n": _yolo}
+def _minilm(workdir: str) -> Case:
+    from graphslim.benchmarks import minilm
+
+    src = minilm.sentence_encoder(os.path.join(workdir, "minilm.onnx"))
+    ev = minilm.tokens(minilm.SENTENCES + minilm.CALIBRATION)
+    model = graphslim.load(src, input_shapes={k: (1, minilm.SEQ) for k in ev})
+    return Case("all-MiniLM-L6-v2", model, "", minilm.tokens(minilm.training_text(256)), ev,
+                None, ("factorize{method=svd,target-macs=0.55,layers=linear,data-aware=true}",
+                       "drop-blocks{blocks=*layer.1/*;*layer.2/*;*layer.3/*}"),
+                "256 out-of-domain inputs (minilm.training_text)",
+                minilm.tokens(minilm.training_text(8000)),
+                "8000 out-of-domain inputs (lr 2e-4, 1e-4: BERT's fine-tuning rates)",
+                lrs=(2e-4, 1e-4))
 
 
-def _outputs(model, name: str, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([next(iter(model.run({name: x[i:i + 1]}).values()))
-                           for i in range(len(x))])
+CASES = {"mnist": _mnist, "orientation": _orientation, "ppocr": _ppocr, "yolov8n": _yolo,
+         "minilm": _minilm}
+
+
+def _feeds(case: Case, x) -> dict[str, np.ndarray]:
+    return x if isinstance(x, dict) else {case.input: x}
+
+
+def _outputs(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([next(iter(model.run({k: v[i:i + 1] for k, v in feeds.items()})
+                                     .values())) for i in range(n)])
 
 
 def _judge(ref: np.ndarray, out: np.ndarray, labels) -> dict:
@@ -119,42 +143,40 @@ def _distilled(model, case: Case, lr: float) -> tuple[object, float, int]:
     epochs run)."""
     history: list = []
     train = case.calib if case.train is None else case.train
-    out = graphslim.distill(model, case.model, {case.input: train}, epochs=case.epochs,
+    out = graphslim.distill(model, case.model, _feeds(case, train), epochs=case.epochs,
                             batch_size=32, lr=lr, history=history, progress=False)
     return out, float(np.mean([h["seconds"] for h in history])), len(history)
 
 
 def run_case(case: Case, distill: bool = True) -> list[dict]:
-    ref = _outputs(case.model, case.input, case.evaluation)
+    evaluation = _feeds(case, case.evaluation)
+    ref = _outputs(case.model, evaluation)
     base = _judge(ref, ref, case.labels)
     rows = []
-    data = {case.input: case.calib}
+    data = _feeds(case, case.calib)
     for pipe in case.pipelines:
         compressed = graphslim.optimize(case.model, pipe, data=data)
         t = time.perf_counter()
         recovered = graphslim.optimize(case.model, pipe + ",reconstruct", data=data)
         seconds = time.perf_counter() - t - compressed.report.seconds
         rec = recovered.report.records[-1]
-        feeds = {case.input: case.evaluation[:1]}
+        feeds = {k: v[:1] for k, v in evaluation.items()}
         before, after = time_models(case.model.deployable(), recovered.model.deployable(), feeds,
                                     threads=1, max_time=3.0)
         rows.append({
             "model": case.name, "pipeline": pipe, "calib": case.calib_note,
-            "eval": len(case.evaluation),
+            "eval": len(ref),
             "macs": recovered.report.final.macs / recovered.report.original.macs,
             "speedup": before.median / after.median, "original": base,
-            "compressed": _judge(ref, _outputs(compressed.model, case.input, case.evaluation),
-                                 case.labels),
-            "recovered": _judge(ref, _outputs(recovered.model, case.input, case.evaluation),
-                                case.labels),
+            "compressed": _judge(ref, _outputs(compressed.model, evaluation), case.labels),
+            "recovered": _judge(ref, _outputs(recovered.model, evaluation), case.labels),
             "refit": rec.stats.get("refit", 0), "layers": rec.stats.get("refit", 0) + len(
                 rec.skipped), "seconds": seconds})
         if distill:
-            for key, start, lr in (("distilled", compressed.model, 1e-3),
-                                   ("both", recovered.model, 1e-4)):
+            for key, start, lr in (("distilled", compressed.model, case.lrs[0]),
+                                   ("both", recovered.model, case.lrs[1])):
                 out, per_epoch, epochs = _distilled(start, case, lr)
-                rows[-1][key] = _judge(ref, _outputs(out, case.input, case.evaluation),
-                                       case.labels)
+                rows[-1][key] = _judge(ref, _outputs(out, evaluation), case.labels)
                 rows[-1][key + "_epochs"] = f"{epochs} x {per_epoch:.1f} s"
             rows[-1]["train"] = case.train_note or case.calib_note
         print(_line(rows[-1]), flush=True)
@@ -190,7 +212,8 @@ def main(argv=None) -> int:
         f"{datetime.date.today()}, {cpu['model']} ({', '.join(cpu['isa']) or 'no AVX2'}), "
         f"{cpu['cores']} cores. Metric: top-1 accuracy on held-out real data / top-1 agreement "
         "with the original (classifiers), output cosine with the original over all evaluation "
-        "samples (YOLOv8n, raw head output). speedup: ORT CPU, 1 thread, the recovered model "
+        "samples (YOLOv8n, raw head output; all-MiniLM-L6-v2, its unit sentence embeddings). "
+        "speedup: ORT CPU, 1 thread, the recovered model "
         "against the original, "
         "interleaved in one process (the compressed model has the same architecture). "
         "refit: layers refit / layers considered. s: reconstruct's own seconds. + distill: "
